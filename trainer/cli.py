@@ -1,0 +1,138 @@
+"""`python -m trainer train ...` and `python -m trainer tiny-model DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig, load_config
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--name value`, `--name=value` or a bare `--flag` (true) into raw option values."""
+    values: dict[str, Any] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r} (options look like --name value)")
+        name, sep, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not sep:
+            following = tokens[index + 1] if index + 1 < len(tokens) else None
+            if following is None or following.startswith("--"):
+                value = "true"  # a bare flag, as the script's store_true options
+            else:
+                value = following
+                index += 1
+        values[name] = None if value.lower() in ("none", "null") else value
+        index += 1
+    return values
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a YAML or JSON file (a mapping of option names to values)."""
+    import yaml  # JSON is YAML, so one parser reads both
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"config: cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config: {path} is not valid YAML or JSON: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of option names to values")
+    return loaded
+
+
+def build_config(config_file: str | None, overrides: list[str]) -> TrainConfig:
+    """File options first, command-line options over them, validated together."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update(parse_overrides(overrides))
+    return load_config(values)
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from trainer.events import ConsoleReporter, Event
+
+    reporter = ConsoleReporter(bar=not args.no_progress)
+    try:
+        config = build_config(args.config, extra)
+    except ConfigError as error:
+        reporter(Event("error", message=str(error)))
+        return EXIT_BAD_INPUT
+    from trainer.data import DatasetError
+    from trainer.loop import train
+
+    try:
+        train(config, reporter)
+    except (ConfigError, DatasetError):
+        return EXIT_BAD_INPUT
+    except Exception:  # the error event carries the message; the traceback goes to the log
+        logging.getLogger("trainer").debug("training failed", exc_info=True)
+        return EXIT_FAILED
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
+    from trainer.tiny import write_tiny_model
+
+    path = write_tiny_model(args.directory, prediction_type=args.prediction_type, seed=args.seed)
+    print(json.dumps({"type": "done", "paths": [str(path)]}))
+    return 0
+
+
+def _sample_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from trainer.sample_data import write_sample_dataset
+
+    path = write_sample_dataset(args.directory, n_images=args.count, size=args.size,
+                                caption_style=args.captions)
+    print(json.dumps({"type": "done", "paths": [str(path)]}))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train", help="train a LoRA",
+        description="Train a LoRA. Options are the diffusers script's (--learning_rate 1e-4, "
+                    "--center_crop, ...), given on the command line, in --config FILE, or both.",
+    )
+    train.add_argument("--config", help="YAML or JSON file of options")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    train.set_defaults(handler=_train)
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny SD-shaped pipeline with random weights")
+    tiny.add_argument("directory")
+    tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_tiny_model)
+
+    sample = commands.add_parser("sample-data", help="write a small captioned image folder")
+    sample.add_argument("directory")
+    sample.add_argument("--count", type=int, default=8)
+    sample.add_argument("--size", type=int, default=48)
+    sample.add_argument("--captions", default="txt", choices=["txt", "jsonl"])
+    sample.set_defaults(handler=_sample_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LORAQ_LOG_LEVEL", "WARNING"), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args, extra = make_parser().parse_known_args(argv)
+    if extra and args.command != "train":
+        make_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.handler(args, extra)

@@ -1,0 +1,50 @@
+"""Validation images: the pipeline with the LoRA being trained renders the validation prompt."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+
+def render(pipeline: DiffusionPipeline, prompt: str, count: int, seed: int | None, resolution: int,
+           steps: int, autocast_dtype: torch.dtype | None) -> list:
+    """Render `count` images; the training RNG is left untouched (a seeded generator is used)."""
+    device = pipeline.device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    images = []
+    with autocast, torch.no_grad():
+        for _ in range(count):
+            images.append(pipeline(prompt, num_inference_steps=steps, generator=generator,
+                                   height=resolution, width=resolution).images[0])
+    return images
+
+
+def save_images(images: list, directory: Path, prefix: str) -> list[str]:
+    """Write images as PNG files named `{prefix}-{i}.png`; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = directory / f"{prefix}-{index}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def pipeline_with(source: str, revision: str | None, variant: str | None, dtype: torch.dtype,
+                  device, **models) -> DiffusionPipeline:
+    """The base model's pipeline around in-memory models (as the script builds it); only the
+    small parts not given, such as the inference scheduler, are read from `source`."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        source, revision=revision, variant=variant, torch_dtype=dtype, safety_checker=None,
+        requires_safety_checker=False, **models,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
