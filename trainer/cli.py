@@ -46,6 +46,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"config: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config: {path} is not valid YAML or JSON: {error}") from None
     if loaded is None:
@@ -107,11 +109,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a LoRA",
+        # No abbreviations: `--con x` must be an unknown training option, not `--config x`.
+        allow_abbrev=False,
         description="Train a LoRA. Options are the diffusers script's (--learning_rate 1e-4, "
                     "--center_crop, ...), given on the command line, in --config FILE, or both.",
     )
     train.add_argument("--config", help="YAML or JSON file of options")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    # Also spelled with an underscore, as every training option may be.
+    train.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bar on stderr")
     train.set_defaults(handler=_train)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny SD-shaped pipeline with random weights")

@@ -315,6 +315,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self.flipped_params = flipped_params
         self.text = text
         self.text_key = "encoder_hidden_states" if text_is_embedding else "input_ids"
+        self.memory_format = torch.contiguous_format  # the VAE output's layout, set by the trainer
 
     def __len__(self) -> int:
         return len(self.latent_params)
@@ -382,12 +383,13 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         generator.manual_seed(seed)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         start = resume.position if resume else 0
+        replay = resume is not None and resume.rng_before is not None
         for position in range(start, len(self)):
-            if resume is not None and resume.rng_before is not None:
-                if position == start:
-                    torch.set_rng_state(resume.rng_before)
-                elif position == start + self.num_processes:
-                    torch.set_rng_state(resume.rng_after)
+            if replay and position == start:
+                torch.set_rng_state(resume.rng_before)
             self.position = position
             self.rng_at_position = torch.get_rng_state()
             yield order[position * self.batch_size:(position + 1) * self.batch_size]
+            # The loader asks for the next batch only after loading this one.
+            if replay and position == start + self.num_processes - 1:
+                torch.set_rng_state(resume.rng_after)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -53,6 +54,8 @@ class Run:
     num_train_epochs: int
     num_update_steps_per_epoch: int
     trainable: tuple = field(default_factory=tuple)
+    # The memory layout of the VAE's output here; sampling follows it (see draw_inputs).
+    latent_memory_format: torch.memory_format = torch.contiguous_format
 
 
 @dataclass
@@ -84,6 +87,10 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
+    if not PartialState().use_distributed:
+        # accelerate keeps one process-wide state; several runs in one process (tests, notebooks)
+        # may each choose their own precision.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -166,6 +173,7 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
         dataloader=dataloader, sampler=sampler, num_examples=num_examples, cached=cached,
         max_train_steps=max_train_steps, num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
         num_update_steps_per_epoch=steps_per_epoch, trainable=trainable,
+        latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
     )
 
 
@@ -173,7 +181,10 @@ def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, ...]:
     """Encode, noise: latents, noise, timesteps and text embeddings for one batch (the random part)."""
     components, config = run.components, run.config
     if "latent_params" in batch:  # cached posterior, sampled anew each step as the VAE would
-        latents = DiagonalGaussianDistribution(batch["latent_params"]).sample()
+        # randn_like(latents) fills in memory order, so the cached parameters take the layout the
+        # VAE gives them (channels-last on some CPUs); otherwise the noise would differ.
+        params = batch["latent_params"].contiguous(memory_format=run.latent_memory_format)
+        latents = DiagonalGaussianDistribution(params).sample()
     else:
         latents = components.vae.encode(batch["pixel_values"].to(dtype=run.weight_dtype)).latent_dist.sample()
     latents = latents * components.vae.config.scaling_factor
@@ -324,10 +335,13 @@ def _cached_dataset(config, examples, transform, components: Components, device,
             components.text_encoder(input_ids[i:i + config.train_batch_size], return_dict=False)[0]
             for i in range(0, len(input_ids), config.train_batch_size)
         ])
-    return data.CachedLatentDataset(
+    dataset = data.CachedLatentDataset(
         torch.cat(params), torch.cat(flipped) if flipped else None, text,
         text_is_embedding=not config.train_text_encoder,
     )
+    if params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous():
+        dataset.memory_format = torch.channels_last
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------
