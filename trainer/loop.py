@@ -27,7 +27,7 @@ from trainer.events import Event, EventSink, Throughput, ignore_events
 from trainer.losses import diffusion_loss, training_target
 from trainer.model import (
     TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, WEIGHT_DTYPES, Components, load_adapter_state,
-    load_components, lora_config, save_adapter_state, save_lora,
+    KOHYA_WEIGHTS_NAME, load_components, lora_config, save_adapter_state, save_kohya_lora, save_lora,
 )
 
 logger = logging.getLogger("trainer")
@@ -281,12 +281,14 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
         unet = accelerator.unwrap_model(run.unet)
         text_encoder = accelerator.unwrap_model(run.text_encoder) if config.train_text_encoder else None
         lora_path = save_lora(config.output_dir, unet, text_encoder)
+        save_kohya_lora(config.output_dir, config.effective_lora_alpha, unet, text_encoder)
         (Path(config.output_dir) / "training_config.json").write_text(config.model_dump_json(indent=2))
         if config.validation_prompt:
             images += _final_validation(run, lora_path.parent, global_step, emit)
     accelerator.end_training()
     emit(Event("done", step=global_step, total_steps=run.max_train_steps, loss=losses[-1] if losses else None,
-               paths=[str(lora_path)], message=f"saved {lora_path}"))
+               paths=[str(lora_path), str(Path(config.output_dir) / KOHYA_WEIGHTS_NAME)],
+               message=f"saved {lora_path}"))
     return TrainResult(lora_path=lora_path, global_step=global_step, losses=losses, validation_images=images)
 
 

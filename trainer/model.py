@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -17,6 +18,7 @@ from trainer.config import TrainConfig
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,6 +85,21 @@ def save_lora(output_dir: str | Path, unet, text_encoder=None) -> Path:
         safe_serialization=True,
     )
     return Path(output_dir) / LORA_WEIGHTS_NAME
+
+
+def save_kohya_lora(output_dir: str | Path, lora_alpha: float, unet, text_encoder=None) -> Path:
+    """Write the same LoRA in kohya's key format, which AUTOMATIC1111 and ComfyUI load."""
+    states = lora_state_dicts(unet, text_encoder)
+    prefixed = {f"{model}.{key}": value for model, state in states.items() for key, value in state.items()}
+    kohya = convert_state_dict_to_kohya(prefixed)
+    # diffusers writes alpha = rank; the adapter's real alpha keeps the file's scale right.
+    for key in kohya:
+        if key.endswith(".alpha"):
+            kohya[key] = torch.tensor(float(lora_alpha))
+    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
+    save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(path),
+              metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
+    return path
 
 
 def save_adapter_state(directory: Path, name: str, model) -> None:

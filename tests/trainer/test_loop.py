@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -205,6 +206,14 @@ def test_saved_lora_loads_into_a_pipeline_and_changes_its_output(tiny_model, squ
     after = render()
     assert abs(after - before).max() > 1e-3
 
+    # The kohya-format copy (for AUTOMATIC1111 and ComfyUI) holds the same adapter.
+    kohya = lora_weights(tmp_path / "lora_kohya.safetensors")
+    assert all(key.startswith("lora_unet_") for key in kohya)
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
+    pipeline.unload_lora_weights()
+    pipeline.load_lora_weights(str(tmp_path), weight_name="lora_kohya.safetensors")
+    np.testing.assert_allclose(render(), after, atol=1e-5)
+
 
 def test_checkpoints_are_pruned_and_each_holds_a_lora(tiny_model, square_data, tmp_path):
     events: list[Event] = []
@@ -239,7 +248,7 @@ def test_events_and_validation_images(tiny_model, square_data, tmp_path):
         for path in event.paths:
             assert Image.open(path).size == (32, 32)
     assert len(result.validation_images) == 6
-    assert json.loads(events[-1].to_json())["paths"] == [str(result.lora_path)]
+    assert json.loads(events[-1].to_json())["paths"] == [str(result.lora_path), str(tmp_path / "lora_kohya.safetensors")]
 
 
 def test_text_encoder_lora_dora_min_snr_noise_offset_and_bf16(tiny_model, square_data, tmp_path):
