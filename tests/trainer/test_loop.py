@@ -248,6 +248,8 @@ def test_events_and_validation_images(tiny_model, square_data, tmp_path):
         for path in event.paths:
             assert Image.open(path).size == (32, 32)
     assert len(result.validation_images) == 6
+    without = train(config_for(tiny_model, square_data, tmp_path / "without", max_train_steps=4))
+    assert result.losses == without.losses, "validation must not disturb the training random stream"
     assert json.loads(events[-1].to_json())["paths"] == [str(result.lora_path), str(tmp_path / "lora_kohya.safetensors")]
 
 
