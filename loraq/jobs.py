@@ -1,0 +1,83 @@
+"""The job state machine: every state change goes through `transition`, a conditional UPDATE."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Iterable
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from loraq import events
+from loraq.errors import Conflict
+from loraq.models import Job, JobEvent, JobState, utcnow
+
+S = JobState
+ALLOWED: dict[JobState, set[JobState]] = {
+    S.queued: {S.running, S.canceled},
+    S.running: {S.succeeded, S.failed, S.canceling, S.queued},  # queued: lease lost, new attempt
+    S.canceling: {S.canceled, S.succeeded, S.failed, S.queued},
+    S.failed: {S.queued},  # retry
+    S.canceled: {S.queued},  # retry
+    S.succeeded: set(),
+}
+
+
+class TransitionRefused(Conflict):
+    """The job is not in a state from which this change is allowed."""
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    expected: JobState | Iterable[JobState],
+    new: JobState,
+    *,
+    attempt: int | None = None,
+    event_data: dict | None = None,
+    **fields,
+) -> JobEvent | None:
+    """Move a job from one of `expected` to `new` if it is still there (and still `attempt`).
+
+    Returns the state event added to the session, or None when the job had moved on (a race
+    lost cleanly). A change the state machine never allows raises TransitionRefused.
+    """
+    expected = {expected} if isinstance(expected, JobState) else set(expected)
+    for state in expected:
+        if new not in ALLOWED[state]:
+            raise TransitionRefused(f"a {state.value} job cannot become {new.value}")
+    now = utcnow()
+    if new == S.running:
+        fields.setdefault("started_at", now)
+    if new in (S.succeeded, S.failed, S.canceled):
+        fields.setdefault("finished_at", now)
+        fields.setdefault("lease_until", None)
+    if new == S.queued:
+        fields.setdefault("queued_at", now)
+        fields.setdefault("finished_at", None)
+    query = update(Job).where(Job.id == job_id, Job.state.in_([s.value for s in expected]))
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
+    result = session.execute(query.values(state=new.value, **fields).returning(Job.state))
+    if result.first() is None:
+        return None
+    data = {"state": new.value, **(event_data or {})}
+    if fields.get("error"):
+        data["error"] = fields["error"]
+    return events.append_event(session, job_id, events.STATE, data)
+
+
+def claim(session: Session, job_id: str, attempt: int, worker: str, lease_s: float) -> JobEvent | None:
+    """Take a queued job for this attempt; None means someone else has it or it was canceled."""
+    return transition(session, job_id, S.queued, S.running, attempt=attempt, worker=worker,
+                      lease_until=utcnow() + timedelta(seconds=lease_s))
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease_s: float) -> bool:
+    """Extend the running attempt's lease; False when this attempt no longer owns the job."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.attempt == attempt,
+                          Job.state.in_([S.running.value, S.canceling.value]))
+        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+    )
+    return result.rowcount == 1
