@@ -16,8 +16,12 @@ def run_migrations() -> None:
         return
     url = context.config.get_main_option("sqlalchemy.url")
     settings = Settings(database_url=url) if url else Settings()
-    with make_engine(settings).connect() as connection:
-        _run(connection)
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as connection:
+            _run(connection)
+    finally:
+        engine.dispose()  # no idle connections left behind (SQLite WAL checkpoint, PG templates)
 
 
 def _run(connection) -> None:

@@ -17,14 +17,6 @@ def _hub_offline():
     yield
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random SD pipeline (32 px default), written once per session; treat it as read-only."""
-    from trainer.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
 @pytest.fixture
 def sample_data(tmp_path) -> Path:
     """Four 40x40 captioned PNGs with sidecar .txt captions, in tmp_path/"data"."""
