@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -87,7 +88,7 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
-    if not PartialState().use_distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps one process-wide state; several runs in one process (tests, notebooks)
         # may each choose their own precision.
         AcceleratorState._reset_state()
