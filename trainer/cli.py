@@ -76,6 +76,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from trainer.data import DatasetError
     from trainer.loop import train
 
+    if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
+        _quiet_libraries()
+
     try:
         train(config, reporter)
     except (ConfigError, DatasetError):
@@ -84,6 +87,17 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         logging.getLogger("trainer").debug("training failed", exc_info=True)
         return EXIT_FAILED
     return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr to our log and progress bar: the libraries' loading bars and notices about
+    dtype casts we make on purpose are noise here (LORAQ_LOG_LEVEL=INFO brings them back)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def _tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
