@@ -34,11 +34,14 @@ def transition(
     new: JobState,
     *,
     attempt: int | None = None,
+    new_attempt: int | None = None,
     event_data: dict | None = None,
     **fields,
 ) -> JobEvent | None:
     """Move a job from one of `expected` to `new` if it is still there (and still `attempt`).
 
+    `new_attempt` sets the attempt number (a retry or a requeue starts the next attempt; the
+    `attempt` keyword is the condition, so the new number cannot travel in `fields`).
     Returns the state event added to the session, or None when the job had moved on (a race
     lost cleanly). A change the state machine never allows raises TransitionRefused.
     """
@@ -52,6 +55,8 @@ def transition(
     if new in (S.succeeded, S.failed, S.canceled):
         fields.setdefault("finished_at", now)
         fields.setdefault("lease_until", None)
+    if new_attempt is not None:
+        fields["attempt"] = new_attempt
     if new == S.queued:
         fields.setdefault("queued_at", now)
         fields.setdefault("finished_at", None)

@@ -1,0 +1,1 @@
+"""The HTTP API: datasets, jobs, their events, metrics and artifacts (FastAPI, JSON, under /v1)."""

@@ -1,0 +1,87 @@
+"""The application factory: wires routers, the one error handler and the shared clients."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.routes import artifacts, datasets, events, health, jobs, models
+from loraq.db import make_engine, make_session_factory
+from loraq.errors import AppError
+from loraq.queue import make_celery
+from loraq.settings import Settings
+
+log = logging.getLogger("loraq.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (read from the environment when not given)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        app.state.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                               socket_timeout=10, health_check_interval=30)
+        app.state.celery = make_celery(settings)
+        try:
+            yield
+        finally:
+            app.state.celery.close()
+            app.state.redis.close()
+            engine.dispose()
+
+    app = FastAPI(title="loraq", version="0.1.0", lifespan=lifespan,
+                  description="Train LoRA adapters for Stable Diffusion as queued jobs.")
+    app.state.settings = settings
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    for module in (datasets, jobs, events, artifacts, models):
+        app.include_router(module.router, prefix="/v1")
+    app.include_router(health.router)
+    return app
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+async def _app_error(request: Request, error: AppError) -> JSONResponse:
+    return error_response(error.status, error.message)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return error_response(422, describe_validation_errors(error.errors()))
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("api.unexpected_error %s %s", request.method, request.url.path, exc_info=error)
+    return error_response(500, "internal error; the server log has the details")
+
+
+def describe_validation_errors(errors) -> str:
+    """One `field: problem` per error, e.g. `dataset_id: Field required; query.limit: ...`."""
+    lines = []
+    for item in errors:
+        loc = [str(part) for part in item.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        field = ".".join(loc) or "body"
+        lines.append(f"{field}: {item.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request"

@@ -1,0 +1,66 @@
+"""/v1/datasets: upload (multipart, streamed to disk), list, show, thumbnails, delete."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import OwnedDataset, OwnerDep, SessionDep, SettingsDep
+from api.schemas import ERRORS, MAX_OFFSET, DatasetDetail, DatasetList, DatasetSummary
+from api.services import datasets as service
+from api.services.uploads import receive_upload
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"],
+    "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one zip, or images (PNG, JPEG, WebP) with .txt captions and/or a metadata.jsonl"},
+        "name": {"type": "string", "maxLength": 200},
+    },
+}}}}}
+
+
+@router.post("", status_code=201, responses=ERRORS, openapi_extra=UPLOAD_BODY)
+async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, owner: OwnerDep
+                         ) -> DatasetDetail:
+    """Upload a dataset and get its pre-flight report; refused files are listed, not fatal."""
+    staging = service.new_staging_dir(settings)
+    try:
+        upload = await receive_upload(request, staging / "parts", settings)
+        dataset = await run_in_threadpool(service.create_dataset, session, settings, owner, upload, staging)
+    finally:
+        await run_in_threadpool(shutil.rmtree, staging, True)
+    return service.dataset_detail(dataset)
+
+
+@router.get("")
+def list_datasets(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                  offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> DatasetList:
+    """The owner's datasets, newest first."""
+    items, total = service.list_datasets(session, owner, limit, offset)
+    return DatasetList(items=[DatasetSummary.model_validate(d, from_attributes=True) for d in items],
+                       total=total, limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", responses=ERRORS)
+def show_dataset(dataset: OwnedDataset) -> DatasetDetail:
+    return service.dataset_detail(dataset)
+
+
+@router.get("/{dataset_id}/thumbnails/{n}", response_class=FileResponse, responses=ERRORS)
+def thumbnail(dataset: OwnedDataset, settings: SettingsDep, n: Annotated[int, Path(ge=0, le=3)]) -> FileResponse:
+    """A small PNG of the dataset's n-th image (0-based, up to 4)."""
+    return FileResponse(service.require_thumbnail(settings, dataset, n), media_type="image/png")
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=ERRORS)
+def delete_dataset(dataset: OwnedDataset, session: SessionDep, settings: SettingsDep) -> Response:
+    """Delete the dataset and its files; 409 while any job (even a finished one) refers to it."""
+    service.delete_dataset(session, settings, dataset)
+    return Response(status_code=204)

@@ -1,0 +1,19 @@
+"""/healthz: database, Redis and live workers; 503 unless the database and Redis answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import CeleryDep, RedisDep, SessionDep
+from api.schemas import Health
+from api.services.health import check
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", responses={503: {"model": Health}})
+def healthz(session: SessionDep, redis: RedisDep, celery: CeleryDep) -> JSONResponse:
+    health = check(session, redis, celery)
+    ok = health.database == "ok" and health.redis == "ok"
+    return JSONResponse(health.model_dump(), status_code=200 if ok else 503)

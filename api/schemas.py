@@ -1,0 +1,180 @@
+"""Request and response bodies. Paged collections (jobs, datasets) come as {"items", "total", "limit",
+"offset"}; the others (metrics, artifacts, models) as plain JSON lists."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from loraq.models import ArtifactKind, JobState
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time the API shows is UTC, marked as such."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
+MAX_INT32 = 2**31 - 1  # integer columns: bounds for steps, sequence numbers and offsets
+MAX_OFFSET = 10**9
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: `{"error": {"status": 404, "message": "job abc not found"}}`."""
+
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 409, 413, 415, 422)}
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+class RefusedFile(BaseModel):
+    file: str
+    reason: str
+
+
+class LongCaptions(BaseModel):
+    """Captions over CLIP's context (77 tokens with start and end), counted as a lower bound."""
+
+    limit: int
+    count: int
+    files: list[str] = Field(description="up to 20 of them")
+    estimate: bool = True
+    note: str
+
+
+class DatasetReport(BaseModel):
+    """The pre-flight check of an upload."""
+
+    image_count: int
+    captioned_count: int
+    uncaptioned_count: int
+    min_size: tuple[int, int] | None = Field(description="(width, height) of the smallest image by area")
+    max_size: tuple[int, int] | None = Field(description="(width, height) of the largest image by area")
+    smaller_than: dict[str, int] = Field(description="images whose short side is under 512, 768, 1024 px")
+    long_captions: LongCaptions
+    duplicates: list[list[str]] = Field(description="groups of byte-identical images")
+    refused: list[RefusedFile] = Field(description="files left out of the dataset, with the reason")
+    warnings: list[str]
+
+
+class CaptionPreview(BaseModel):
+    file: str
+    caption: str
+
+
+class DatasetSummary(BaseModel):
+    id: str
+    name: str
+    image_count: int
+    captioned_count: int
+    total_bytes: int
+    content_hash: str
+    created_at: UtcDatetime
+
+
+class DatasetDetail(DatasetSummary):
+    report: DatasetReport
+    thumbnails: list[str] = Field(description="URLs of up to 4 small PNG previews")
+    captions: list[CaptionPreview] = Field(description="the first captions, shortened")
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+class JobCreate(BaseModel):
+    """A training job: a dataset, an allowed base model and trainer options (their names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    base_model: str = Field(min_length=1, max_length=300, pattern=NO_CONTROL_CHARS,
+                            description="a name GET /v1/models lists")
+    name: str | None = Field(default=None, max_length=200, pattern=NO_CONTROL_CHARS)
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="trainer options, e.g. {\"resolution\": 512, \"rank\": 8}")
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    state: JobState
+    step: int
+    total_steps: int
+    progress: float = Field(description="step / total_steps, 1.0 once succeeded")
+    last_loss: float | None
+    dataset_id: str
+    base_model: str
+    config: dict[str, Any] = Field(description="the validated trainer options (service-owned ones left out)")
+    queued_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    error: str | None
+    attempt: int
+    worker: str | None
+    queue_position: int | None = Field(description="1-based place among queued jobs; null unless queued")
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricOut(BaseModel):
+    step: int
+    loss: float | None
+    lr: float | None
+    grad_norm: float | None
+    epoch: int | None
+    images_per_s: float | None
+    time: UtcDatetime
+
+
+
+class ArtifactOut(BaseModel):
+    kind: ArtifactKind | str
+    name: str
+    size: int
+    sha256: str
+    step: int | None
+    url: str
+
+
+
+# --------------------------------------------------------------------------------------------
+# Models and health
+
+
+class ModelOut(BaseModel):
+    name: str = Field(description="what a job gives as base_model")
+    source: str = Field(description="hub id or local folder the trainer loads")
+    available: bool = Field(description="present on this machine (local folder or hub cache)")
+
+
+
+class Health(BaseModel):
+    database: str
+    redis: str
+    workers: int | None = Field(description="live Celery workers; null when the broker cannot be asked")

@@ -1,0 +1,1 @@
+"""What the routes do, as plain functions over a session and the settings."""

@@ -1,0 +1,306 @@
+"""Datasets: an upload checked in a staging folder, then moved into place and recorded.
+
+Steps of `create_dataset`: unpack (one zip, or many files flattened to safe names), drop hidden
+files, refuse images over the pixel limit from their header alone, decode every image once with
+the trainer's own `inspect_folder`, remove the refused files, build the report, move the folder
+to `datasets/<id>` and insert the row. Any error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.schemas import DatasetDetail, DatasetReport, DatasetSummary, RefusedFile
+from api.services.dataset_report import build_report, caption_preview
+from api.services.uploads import Upload, UploadedFile
+from loraq import storage
+from loraq.errors import BadRequest, Conflict, Invalid, NotFound, TooLarge, UnsupportedMedia
+from loraq.models import Dataset, Job, new_id
+from loraq.settings import Settings
+from trainer.files import (
+    IMAGE_EXTENSIONS, METADATA_FILE, DatasetError, Example, extract_zip, inspect_folder, load_rgb,
+)
+
+PREVIEW_DIR = ".loraq"  # hidden: the trainer skips it
+THUMBNAILS = 4
+THUMBNAIL_PX = 256
+ZIP_TYPES = {"application/zip", "application/x-zip-compressed"}
+_UNSAFE = re.compile(r"[^\w.\-]+")
+
+
+def new_staging_dir(settings: Settings) -> Path:
+    return storage.uploads_root(settings) / uuid.uuid4().hex
+
+
+def thumbnail_path(settings: Settings, dataset_id: str, n: int) -> Path:
+    return storage.dataset_dir(settings, dataset_id) / PREVIEW_DIR / "thumbnails" / f"{n}.png"
+
+
+def create_dataset(session: Session, settings: Settings, owner: str, upload: Upload, staging: Path) -> Dataset:
+    """Check the received files in `staging` and record them as a dataset (the caller removes staging)."""
+    root, refused = _unpack(upload, staging, settings)
+    _remove_hidden(root)
+    refused += _refuse_oversize(root, settings.max_image_pixels)
+    examples, refused, warnings = _inspect(root, refused)
+    hashes = {path.relative_to(root).as_posix(): storage.sha256_file(path) for path in _files(root)}
+    report = build_report(root, examples, hashes, refused, warnings)
+    captions = caption_preview(root, examples)
+    thumbnails = _write_thumbnails(root, examples)
+    dataset_id = new_id()
+    final = storage.dataset_dir(settings, dataset_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(root, final)
+    try:
+        dataset = Dataset(
+            id=dataset_id, owner=owner, name=upload.name or _default_name(upload, dataset_id),
+            image_count=report.image_count, captioned_count=report.captioned_count,
+            total_bytes=sum(path.stat().st_size for path in _files(final)),
+            content_hash=hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest(),
+            storage_path=str(final),
+            report={**report.model_dump(mode="json"), "preview": {
+                "thumbnails": thumbnails, "captions": [c.model_dump() for c in captions]}},
+        )
+        session.add(dataset)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    return dataset
+
+
+def _default_name(upload: Upload, dataset_id: str) -> str:
+    first = upload.files[0].filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if len(upload.files) == 1 and _is_zip(upload.files[0]) and first.lower() != ".zip":
+        return (first[:-4] if first.lower().endswith(".zip") else first)[:200]
+    return f"dataset-{dataset_id[:8]}"
+
+
+def _is_zip(file: UploadedFile) -> bool:
+    return file.filename.lower().endswith(".zip") or file.content_type in ZIP_TYPES
+
+
+# --------------------------------------------------------------------------------------------
+# Unpacking
+
+
+def _unpack(upload: Upload, staging: Path, settings: Settings) -> tuple[Path, list[RefusedFile]]:
+    """The folder holding the upload's files, and the files refused while placing them."""
+    files = upload.files
+    if not files:
+        raise Invalid("no files uploaded: send a zip, or images with .txt captions or a "
+                      f"{METADATA_FILE}, in the form field 'files'")
+    data = staging / "data"
+    data.mkdir(parents=True)
+    if len(files) == 1 and _is_zip(files[0]):
+        return _extract(files[0], data, settings), []
+    zips = [file.filename for file in files if _is_zip(file)]
+    if zips:
+        raise BadRequest(f"send one zip file on its own, or images and captions without a zip (got {zips[0]} "
+                         f"among {len(files)} files)")
+    if len(files) == 1 and PurePosixPath(files[0].filename).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UnsupportedMedia(f"{files[0].filename}: expected a zip archive or an image (PNG, JPEG or WebP)")
+    return data, _place_files(files, data)
+
+
+def _extract(file: UploadedFile, data: Path, settings: Settings) -> Path:
+    if not zipfile.is_zipfile(file.path):
+        raise UnsupportedMedia(f"{file.filename}: not a zip archive")
+    try:
+        with zipfile.ZipFile(file.path) as archive:
+            entries = [info for info in archive.infolist() if not info.is_dir()]
+        if len(entries) > settings.max_upload_files:
+            raise TooLarge(f"{file.filename} holds {len(entries)} files; the limit is {settings.max_upload_files}")
+        expanded = sum(info.file_size for info in entries)
+        if expanded > settings.max_upload_bytes:
+            raise TooLarge(f"{file.filename} expands to {expanded} bytes; the limit is {settings.max_upload_bytes}")
+        extract_zip(file.path, data)
+    except DatasetError as error:  # an entry with ../, an absolute path or a link
+        raise BadRequest(str(error)) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as error:
+        raise Invalid(f"{file.filename}: cannot be extracted ({error})") from None
+    file.path.unlink()
+    entries = [path for path in data.iterdir() if not _hidden(path.name)]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else data
+
+
+def flat_name(name: str) -> str | None:
+    """A flat, safe file name for an uploaded `dir/a b.png` (`dir_a_b.png`); None for hidden files."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if not parts or any(_hidden(part) for part in parts):
+        return None
+    joined = PurePosixPath(_UNSAFE.sub("_", "_".join(parts)))
+    return joined.stem[:120] + joined.suffix[:20]
+
+
+def _place_files(files: list[UploadedFile], data: Path) -> list[RefusedFile]:
+    """Move each received file to its flat name; metadata.jsonl names are mapped the same way."""
+    refused = []
+    for file in files:
+        name = flat_name(file.filename)
+        if name is None:
+            file.path.unlink()
+            continue
+        if (data / name).exists():
+            refused.append(RefusedFile(file=file.filename, reason=f"same name as another file ({name})"))
+            file.path.unlink()
+            continue
+        os.replace(file.path, data / name)
+    _rewrite_metadata(data / METADATA_FILE, _flat_row)
+    return refused
+
+
+def _flat_row(row: dict) -> dict | None:
+    name = flat_name(str(row["file_name"]))
+    return {**row, "file_name": name} if name else None
+
+
+def _rewrite_metadata(path: Path, change) -> None:
+    """Apply `change` to every row of a metadata.jsonl (None drops the row); bad lines stay as they are."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            row = change(row)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            lines.append(line)
+            continue
+        if row is not None:
+            lines.append(json.dumps(row, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _remove_hidden(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if _hidden(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file()
+                  and not any(_hidden(part) for part in path.relative_to(root).parts))
+
+
+def _refuse_oversize(root: Path, max_pixels: int) -> list[RefusedFile]:
+    """Remove images whose header says they are over `max_pixels`, without decoding them."""
+    refused = []
+    for path in _files(root):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+        except Image.DecompressionBombError:
+            width = height = max_pixels + 1
+        except Exception:  # noqa: BLE001 - unreadable: inspect_folder reports it with its reason
+            continue
+        if width * height > max_pixels:
+            refused.append(RefusedFile(file=path.relative_to(root).as_posix(),
+                                       reason=f"{width}x{height} pixels is over the limit of {max_pixels}"))
+            path.unlink()
+    return refused
+
+
+def _inspect(root: Path, refused: list[RefusedFile]) -> tuple[list[Example], list[RefusedFile], list[str]]:
+    """Decode every image once; remove refused files and keep metadata rows of accepted images only."""
+    try:
+        examples, problems = inspect_folder(root, missing_captions="empty")
+    except DatasetError as error:  # a malformed metadata.jsonl
+        raise Invalid(str(error)) from None
+    warnings = []
+    for problem in problems:
+        name, _, reason = problem.partition(": ")
+        if name == METADATA_FILE:
+            warnings.append(problem)
+        else:
+            refused.append(RefusedFile(file=name, reason=reason))
+            (root / name).unlink(missing_ok=True)
+    if not examples:
+        listed = "; ".join(f"{r.file}: {r.reason}" for r in refused[:20])
+        if refused:
+            raise Invalid(f"no usable images: {len(refused)} file(s) refused: {listed}")
+        raise Invalid("no images found: the upload holds no PNG, JPEG or WebP files")
+    refused_names = {r.file for r in refused}
+    warnings = [w for w in warnings if w.split(": ")[1] not in refused_names]
+    accepted = {example.path.relative_to(root).as_posix() for example in examples}
+    _rewrite_metadata(root / METADATA_FILE,
+                      lambda row: row if PurePosixPath(row["file_name"]).as_posix() in accepted else None)
+    return examples, refused, warnings
+
+
+def _write_thumbnails(root: Path, examples: list[Example]) -> int:
+    folder = root / PREVIEW_DIR / "thumbnails"
+    folder.mkdir(parents=True)
+    for n, example in enumerate(examples[:THUMBNAILS]):
+        image = load_rgb(example.path)
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        image.save(folder / f"{n}.png")
+    return min(len(examples), THUMBNAILS)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and deleting
+
+
+def list_datasets(session: Session, owner: str, limit: int, offset: int) -> tuple[list[Dataset], int]:
+    query = select(Dataset).where(Dataset.owner == owner)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset))
+    return list(items), total
+
+
+def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
+    """Delete the row and files; 409 while any job (finished ones too) refers to the dataset."""
+    jobs = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == dataset.id))
+    if jobs:
+        raise Conflict(f"dataset {dataset.id} is used by {jobs} job(s); delete those jobs first")
+    session.delete(dataset)
+    try:
+        session.commit()
+    except IntegrityError as error:  # a job was created meanwhile (foreign key)
+        session.rollback()
+        raise Conflict(f"dataset {dataset.id} could not be deleted: it is in use") from error
+    shutil.rmtree(storage.dataset_dir(settings, dataset.id), ignore_errors=True)
+
+
+def require_thumbnail(settings: Settings, dataset: Dataset, n: int) -> Path:
+    path = thumbnail_path(settings, dataset.id, n)
+    if not path.is_file():
+        raise NotFound(f"dataset {dataset.id} has no thumbnail {n}")
+    return path
+
+
+def dataset_detail(dataset: Dataset) -> DatasetDetail:
+    preview = dataset.report.get("preview", {})
+    return DatasetDetail(
+        **DatasetSummary.model_validate(dataset, from_attributes=True).model_dump(),
+        report=DatasetReport.model_validate(dataset.report),
+        thumbnails=[f"/v1/datasets/{dataset.id}/thumbnails/{n}" for n in range(preview.get("thumbnails", 0))],
+        captions=preview.get("captions", []),
+    )

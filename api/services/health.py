@@ -1,0 +1,36 @@
+"""Health of what the API depends on."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from api.schemas import Health
+
+log = logging.getLogger("loraq.api.health")
+PING_TIMEOUT_S = 0.5
+
+
+def check(session: Session, redis, celery: Celery) -> Health:
+    """`ok` or `error` for the database and Redis, and how many Celery workers answer a ping."""
+    database = redis_state = "ok"
+    try:
+        session.execute(text("SELECT 1"))
+    except Exception as error:  # noqa: BLE001 - any failure is "error"
+        log.warning("health.database_error: %s", error)
+        database = "error"
+    try:
+        redis.ping()
+    except Exception as error:  # noqa: BLE001
+        log.warning("health.redis_error: %s", error)
+        redis_state = "error"
+    workers = None
+    if redis_state == "ok":
+        try:
+            workers = len(celery.control.ping(timeout=PING_TIMEOUT_S) or [])
+        except Exception as error:  # noqa: BLE001
+            log.warning("health.ping_error: %s", error)
+    return Health(database=database, redis=redis_state, workers=workers)

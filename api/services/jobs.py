@@ -1,0 +1,314 @@
+"""Jobs: submit (validated with the trainer's own config, idempotent), read, cancel, retry, delete.
+
+Every state change goes through `loraq.jobs.transition`; Celery messages and Redis stream entries
+are sent only after the database commit (the row is the truth, a message only a wake-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import mimetypes
+import shutil
+from pathlib import Path
+
+import redis as redis_lib
+from celery import Celery
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import load_dataset
+from api.schemas import JobCreate, JobOut
+from loraq import events, storage
+from loraq.errors import Conflict, Invalid, NotFound
+from loraq.jobs import transition
+from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
+from loraq.queue import enqueue_job
+from loraq.settings import Settings
+from trainer.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger("loraq.api.jobs")
+
+# Options the service sets for every job; a submission may not.
+SERVICE_FIELDS = frozenset({"pretrained_model_name_or_path", "train_data_dir", "output_dir",
+                            "resume_from_checkpoint", "device"})
+# A dataset accepts uncaptioned images, so jobs train them with an empty caption unless told otherwise.
+SERVICE_DEFAULTS = {"missing_captions": "empty"}
+CANCEL_FLAG_TTL_S = 24 * 3600
+MAX_STEPS = 10**9  # total_steps is a 32-bit column
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cancel_key(job_id: str) -> str:
+    """The Redis flag a running attempt polls to stop early (the database state is the record)."""
+    return f"loraq:jobs:{job_id}:cancel"
+
+
+# --------------------------------------------------------------------------------------------
+# Submitting
+
+
+def request_hash(body: JobCreate) -> str:
+    """The request's identity for Idempotency-Key: its canonical JSON (key order does not matter)."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_base_model(settings: Settings, base_model: str) -> str:
+    """What the trainer loads for `base_model`; only names from settings.allowed_models() pass."""
+    if base_model.startswith(("/", ".", "~")) or ("/" in base_model and _exists(base_model)):
+        raise Invalid(f"base_model: filesystem paths are not accepted ({base_model!r}); "
+                      "name a model GET /v1/models lists")
+    allowed = settings.allowed_models()
+    if base_model not in allowed:
+        raise Invalid(f"base_model: unknown base model {base_model!r}; GET /v1/models lists them")
+    return allowed[base_model]
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem is no path here either
+        return False
+
+
+def validate_options(settings: Settings, dataset: Dataset, model_source: str, options: dict
+                     ) -> tuple[TrainConfig, int]:
+    """The trainer's validated config for these options (service fields filled in) and its step count."""
+    owned = sorted(SERVICE_FIELDS & options.keys())
+    if owned:
+        raise Invalid("; ".join(f"{name}: set by the service" for name in owned))
+    not_finite = sorted(k for k, v in options.items() if isinstance(v, float) and not math.isfinite(v))
+    if not_finite:  # JSON lets NaN and Infinity through; the trainer and PostgreSQL must not see them
+        raise Invalid("; ".join(f"{name}: must be a finite number" for name in not_finite))
+    device = settings.worker_device if settings.worker_device in DEVICES else "auto"
+    values = {**SERVICE_DEFAULTS, **options, "pretrained_model_name_or_path": model_source,
+              "train_data_dir": str(storage.dataset_dir(settings, dataset.id)),
+              "output_dir": "output", "device": device}  # placeholders; the worker sets the real ones
+    try:
+        config = load_config(values)
+    except ConfigError as error:
+        raise Invalid(str(error)) from None
+    steps = total_steps(config, dataset.image_count)
+    if steps > MAX_STEPS:
+        raise Invalid(f"max_train_steps: the run would take {steps} steps; the limit is {MAX_STEPS} "
+                      "(lower num_train_epochs or max_train_steps)")
+    missing = dataset.image_count - dataset.captioned_count
+    if config.missing_captions == "error" and missing:
+        raise Invalid(f"missing_captions: {missing} of the dataset's images have no caption; "
+                      "use 'empty' to train them uncaptioned")
+    return config, steps
+
+
+def total_steps(config: TrainConfig, image_count: int) -> int:
+    """Optimizer steps the trainer will run on one process (its own formula)."""
+    if config.max_train_steps is not None:
+        return config.max_train_steps
+    n = image_count if config.max_train_samples is None else min(image_count, config.max_train_samples)
+    per_epoch = math.ceil(math.ceil(n / config.train_batch_size) / config.gradient_accumulation_steps)
+    return config.num_train_epochs * per_epoch
+
+
+def _by_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def _replay(job: Job, digest: str, key: str) -> Job:
+    if job.request_hash != digest:
+        raise Invalid(f"Idempotency-Key {key!r} was already used with a different request; "
+                      "send a new key for a new job")
+    return job
+
+
+def submit_job(session: Session, settings: Settings, redis, celery: Celery, owner: str,
+               body: JobCreate, key: str | None) -> tuple[Job, bool]:
+    """Create and enqueue a job; with a key seen before, the same job again. Returns (job, created)."""
+    digest = request_hash(body)
+    if key is not None and (existing := _by_key(session, owner, key)) is not None:
+        return _replay(existing, digest, key), False
+    dataset = load_dataset(session, owner, body.dataset_id)
+    config, steps = validate_options(settings, dataset, check_base_model(settings, body.base_model), body.options)
+    job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
+              config=config.model_dump(mode="json", exclude=set(SERVICE_FIELDS)),
+              total_steps=steps, state=JobState.queued.value,
+              attempt=1, step=0, event_seq=0, idempotency_key=key, request_hash=digest)
+    session.add(job)
+    try:
+        session.flush()
+        event = events.append_event(session, job.id, events.STATE, {"state": JobState.queued.value})
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_key(session, owner, key) if key is not None else None
+        if existing is None:  # not a key race: the dataset went away meanwhile
+            load_dataset(session, owner, body.dataset_id)
+            raise
+        return _replay(existing, digest, key), False
+    _after_commit(redis, celery, [event], job.id, job.attempt)
+    return job, True
+
+
+def _after_commit(redis, celery: Celery | None, new_events: list[JobEvent], job_id: str,
+                  attempt: int | None = None) -> None:
+    events.publish(redis, new_events)
+    if celery is None or attempt is None:
+        return
+    try:
+        enqueue_job(celery, job_id, attempt)
+    except Exception as error:  # noqa: BLE001 - the row stays queued; a sweep can re-send it
+        log.warning("job.enqueue_failed job=%s attempt=%s: %s", job_id, attempt, error)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _queued_before(job: Job):
+    return and_(Job.state == JobState.queued.value,
+                or_(Job.queued_at < job.queued_at, and_(Job.queued_at == job.queued_at, Job.id < job.id)))
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based place among all queued jobs, oldest first; None unless the job is queued."""
+    if job.state != JobState.queued.value:
+        return None
+    return session.scalar(select(func.count()).select_from(Job).where(_queued_before(job))) + 1
+
+
+def job_out(job: Job, position: int | None) -> JobOut:
+    if job.state == JobState.succeeded.value:
+        progress = 1.0
+    else:
+        progress = min(job.step / job.total_steps, 1.0) if job.total_steps else 0.0
+    return JobOut(
+        id=job.id, name=job.name, state=JobState(job.state), step=job.step, total_steps=job.total_steps,
+        progress=progress, last_loss=job.last_loss, dataset_id=job.dataset_id, base_model=job.base_model,
+        config=job.config, queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
+        error=job.error, attempt=job.attempt, worker=job.worker, queue_position=position,
+    )
+
+
+def show_job(session: Session, job: Job) -> JobOut:
+    return job_out(job, queue_position(session, job))
+
+
+def list_jobs(session: Session, owner: str, state: JobState | None, limit: int, offset: int
+              ) -> tuple[list[JobOut], int]:
+    """A page of the owner's jobs, most recently queued first, and how many match in all."""
+    query = select(Job).where(Job.owner == owner)
+    if state is not None:
+        query = query.where(Job.state == state.value)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    jobs = list(session.scalars(query.order_by(Job.queued_at.desc(), Job.id.desc()).limit(limit).offset(offset)))
+    positions: dict[str, int] = {}
+    if any(job.state == JobState.queued.value for job in jobs):
+        queued = session.scalars(select(Job.id).where(Job.state == JobState.queued.value)
+                                 .order_by(Job.queued_at, Job.id))
+        positions = {job_id: n for n, job_id in enumerate(queued, start=1)}
+    return [job_out(job, positions.get(job.id)) for job in jobs], total
+
+
+def list_metrics(session: Session, job: Job, after_step: int, limit: int) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step > after_step)
+                                .order_by(JobMetric.step).limit(limit)))
+
+
+def list_artifacts(session: Session, job: Job) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job.id)
+                                .order_by(Artifact.created_at, Artifact.name)))
+
+
+# --------------------------------------------------------------------------------------------
+# Cancel, retry, delete
+
+
+def _reload(session: Session, job: Job) -> Job:
+    session.refresh(job)
+    return job
+
+
+def cancel_job(session: Session, redis, job: Job) -> Job:
+    """Queued: canceled at once. Running: canceling, and the worker is flagged to stop."""
+    for _ in range(3):  # the worker may move the job while we decide; decide again
+        state = JobState(job.state)
+        if state in FINAL_STATES:
+            raise Conflict(f"job {job.id} is already {state.value}")
+        if state == JobState.canceling:
+            return job
+        target = JobState.canceled if state == JobState.queued else JobState.canceling
+        event = transition(session, job.id, state, target, event_data={"previous": state.value})
+        if event is not None:
+            session.commit()
+            _after_commit(redis, None, [event], job.id)
+            if target == JobState.canceling:
+                _set_cancel_flag(redis, job.id)
+            return _reload(session, job)
+        session.rollback()
+        job = _reload(session, job)
+    raise Conflict(f"job {job.id} kept changing state; try again")
+
+
+def _set_cancel_flag(redis, job_id: str) -> None:
+    try:
+        redis.set(cancel_key(job_id), 1, ex=CANCEL_FLAG_TTL_S)
+    except redis_lib.RedisError as error:  # the worker also sees `canceling` in the database
+        log.warning("job.cancel_flag_failed job=%s: %s", job_id, error)
+
+
+def retry_job(session: Session, redis, celery: Celery, job: Job) -> Job:
+    """A failed or canceled job goes back to the queue as a new attempt."""
+    state = JobState(job.state)
+    if state not in (JobState.failed, JobState.canceled):
+        raise Conflict(f"job {job.id} is {state.value}; only failed or canceled jobs can be retried")
+    attempt = job.attempt + 1
+    event = transition(session, job.id, state, JobState.queued, attempt=job.attempt, new_attempt=attempt,
+                       error=None, worker=None, started_at=None,
+                       event_data={"previous": state.value, "attempt": attempt})
+    if event is None:
+        session.rollback()
+        raise Conflict(f"job {job.id} changed state meanwhile (now {_reload(session, job).state}); try again")
+    session.commit()
+    try:  # a flag left from an earlier cancel must not stop the new attempt
+        redis.delete(cancel_key(job.id))
+    except redis_lib.RedisError as error:
+        log.warning("job.cancel_flag_clear_failed job=%s: %s", job.id, error)
+    _after_commit(redis, celery, [event], job.id, attempt)
+    return _reload(session, job)
+
+
+def delete_job(session: Session, settings: Settings, redis, job: Job) -> None:
+    """Remove a finished job's rows and files; 409 while it is queued, running or canceling."""
+    if JobState(job.state) in ACTIVE_STATES:
+        raise Conflict(f"job {job.id} is {job.state}; cancel it and let it stop before deleting it")
+    for table in (JobMetric, JobEvent, Artifact):
+        session.execute(delete(table).where(table.job_id == job.id))
+    deleted = session.execute(delete(Job).where(Job.id == job.id, Job.state.in_([s.value for s in FINAL_STATES])))
+    if deleted.rowcount != 1:
+        session.rollback()
+        raise Conflict(f"job {job.id} changed state meanwhile; try again")
+    session.commit()
+    shutil.rmtree(storage.job_dir(settings, job.id), ignore_errors=True)
+    try:
+        redis.delete(events.stream_key(job.id), cancel_key(job.id))
+    except redis_lib.RedisError as error:
+        log.warning("job.stream_delete_failed job=%s: %s", job.id, error)
+
+
+def artifact_file(session: Session, settings: Settings, job: Job, name: str) -> tuple[Artifact, Path, str]:
+    """The artifact row named `name`, its file (checked to lie inside data_dir) and media type."""
+    artifact = None if "\x00" in name else session.scalar(
+        select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no artifact {name!r}")
+    root = settings.data_dir.resolve()
+    path = Path(artifact.path)
+    path = (path if path.is_absolute() else root / path).resolve()
+    if root not in path.parents:
+        log.error("artifact.outside_data_dir job=%s name=%s path=%s", job.id, name, artifact.path)
+        raise NotFound(f"job {job.id} has no artifact {name!r}")
+    if not path.is_file():
+        raise NotFound(f"the file of artifact {name!r} of job {job.id} is missing")
+    return artifact, path, mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -1,0 +1,280 @@
+"""POST/GET/DELETE /v1/datasets: the pre-flight report, refused files, and uploads that fail cleanly."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from PIL import Image
+from sqlalchemy import func, select
+
+from loraq import storage
+from loraq.models import Dataset
+from trainer.files import scan_examples
+
+LONG_CAPTION = " ".join(["a photo of a small red cat sitting on a wooden chair,"] * 8)
+
+
+def assert_nothing_left(client, settings):
+    """No dataset folder, no staging folder and no row: a refused upload leaves no trace."""
+    for root in (storage.datasets_root(settings), storage.uploads_root(settings)):
+        assert not root.exists() or not any(root.iterdir()), list(root.iterdir())
+    with client.app.state.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == 0
+
+
+def error_of(response) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["status"] == response.status_code, body
+    return body["error"]["message"]
+
+
+def test_zip_with_sidecar_captions_gets_a_report(client, settings, upload, png):
+    # given a zip with captions beside two images, an uncaptioned duplicate, a PDF and a broken PNG
+    red = png(64, 64, (255, 0, 0))
+    response = upload({"a.png": red, "a.txt": "a red square", "b.png": png(32, 48, (0, 0, 255)),
+                       "b.txt": LONG_CAPTION, "c.png": red, "notes.pdf": b"%PDF-1.4",
+                       "broken.png": b"\x89PNG not really", ".DS_Store": b"junk"}, name="shapes.zip")
+
+    # then the dataset holds the three good images and says what it refused
+    assert response.status_code == 201, response.text
+    body = response.json()
+    report = body["report"]
+    assert (body["name"], body["image_count"], body["captioned_count"]) == ("shapes", 3, 2)
+    assert (report["image_count"], report["captioned_count"], report["uncaptioned_count"]) == (3, 2, 1)
+    assert report["min_size"] == [32, 48] and report["max_size"] == [64, 64]
+    assert report["smaller_than"] == {"512": 3, "768": 3, "1024": 3}
+    assert report["duplicates"] == [["a.png", "c.png"]]
+    assert report["long_captions"]["files"] == ["b.png"] and report["long_captions"]["estimate"] is True
+    refused = {item["file"]: item["reason"] for item in report["refused"]}
+    assert set(refused) == {"notes.pdf", "broken.png"}
+    assert "not an image" in refused["notes.pdf"]
+    folder = storage.dataset_dir(settings, body["id"])
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "a.png", "a.txt", "b.png", "b.txt", "c.png"]
+    assert not any(storage.uploads_root(settings).iterdir())
+    assert len(body["thumbnails"]) == 3
+    assert body["captions"][0] == {"file": "a.png", "caption": "a red square"}
+
+
+def test_show_dataset_serves_thumbnails(client, upload, png):
+    created = upload({"a.png": png(64, 40), "a.txt": "x"}).json()
+
+    shown = client.get(f"/v1/datasets/{created['id']}")
+    thumb = client.get(shown.json()["thumbnails"][0])
+
+    assert shown.status_code == 200 and shown.json()["report"] == created["report"]
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(thumb.content)).size == (64, 40)
+    assert client.get(f"/v1/datasets/{created['id']}/thumbnails/1").status_code == 404
+    assert client.get(f"/v1/datasets/{created['id']}/thumbnails/9").status_code == 422
+
+
+def test_zip_with_one_top_folder_and_metadata(upload, png):
+    response = upload({"photos/": b"", "photos/a.png": png(), "photos/b.png": png(color=(1, 2, 3)),
+                       "photos/metadata.jsonl": '{"file_name": "a.png", "text": "first"}\n'})
+
+    assert response.status_code == 201, response.text
+    assert (response.json()["image_count"], response.json()["captioned_count"]) == (2, 1)
+
+
+def test_many_files_with_metadata_jsonl(client, settings, png):
+    # given images with awkward names, a metadata.jsonl (one row without an image) and a name field
+    metadata = "\n".join(json.dumps(row) for row in [
+        {"file_name": "my cat.png", "text": "a cat"}, {"file_name": "dog.jpg", "text": "a dog"},
+        {"file_name": "ghost.png", "text": "nobody"}])
+    files = [("files", ("my cat.png", png(40, 30), "image/png")),
+             ("files", ("dog.jpg", png(600, 8, fmt="JPEG"), "image/jpeg")),
+             ("files", ("bird.webp", png(800, 900, (9, 9, 9), fmt="WEBP"), "image/webp")),
+             ("files", ("metadata.jsonl", metadata.encode(), "application/jsonl"))]
+
+    response = client.post("/v1/datasets", files=files, data={"name": "pets"})
+
+    # then names are flattened, the ghost row is a warning, and the trainer accepts the folder as stored
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["name"], body["image_count"], body["captioned_count"]) == ("pets", 3, 2)
+    assert body["report"]["smaller_than"] == {"512": 2, "768": 2, "1024": 3}
+    assert any("ghost.png" in warning for warning in body["report"]["warnings"])
+    folder = storage.dataset_dir(settings, body["id"])
+    assert (folder / "my_cat.png").is_file()
+    stored = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [row["file_name"] for row in stored] == ["my_cat.png", "dog.jpg"]
+    assert len(scan_examples(folder, missing_captions="empty")) == 3
+
+
+def test_many_small_files_and_an_empty_caption(client, settings, multipart, png):
+    parts = [part for n in range(150) for part in (("files", f"{n}.png", png(8, 8, (n, 0, 0))),
+                                                   ("files", f"{n}.txt", f"image {n}".encode()))]
+    parts[1] = ("files", "0.txt", b"")  # an empty file is kept: image 0 is then uncaptioned
+    body, headers = multipart(parts)
+
+    response = client.post("/v1/datasets", content=body, headers=headers)
+
+    assert response.status_code == 201, response.text
+    assert (response.json()["image_count"], response.json()["captioned_count"]) == (150, 149)
+    assert (storage.dataset_dir(settings, response.json()["id"]) / "0.txt").read_bytes() == b""
+
+
+def test_image_over_the_pixel_limit_is_refused_from_its_header(make_client, settings, zip_bytes, png):
+    client = make_client(settings.model_copy(update={"max_image_pixels": 1000}))
+
+    response = client.post("/v1/datasets", files={"files": ("d.zip", zip_bytes(
+        {"big.png": png(64, 64), "small.png": png(16, 16)}), "application/zip")})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["image_count"] == 1
+    assert response.json()["report"]["refused"] == [
+        {"file": "big.png", "reason": "64x64 pixels is over the limit of 1000"}]
+
+
+def _symlink_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("link.png")
+        info.external_attr = (0o120777 << 16)
+        archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+BAD_ZIPS = {
+    "dot-dot entry": ({"../evil.png": b"x"}, 400, "points outside the archive"),
+    "absolute entry": ({"/abs/evil.png": b"x"}, 400, "points outside the archive"),
+    "only non-images": ({"a.txt": "caption", "b.pdf": b"%PDF"}, 422, "b.pdf: not an image"),
+    "no image decodes": ({"bad.png": b"\x89PNG broken", "bad.txt": "x"}, 422, "bad.png: not a readable image"),
+    "empty zip": ({}, 422, "no images found"),
+    "bad metadata": ({"a.png": None, "metadata.jsonl": "{not json"}, 422, "metadata.jsonl line 1"),
+}
+
+
+def test_bad_zips_are_refused_and_leave_nothing(client, settings, upload, png, subtests):
+    for case, (entries, status, message) in BAD_ZIPS.items():
+        with subtests.test(case):
+            response = upload({name: png() if data is None else data for name, data in entries.items()})
+
+            assert response.status_code == status, response.text
+            assert message in error_of(response)
+            assert_nothing_left(client, settings)
+    with subtests.test("symbolic link entry"):
+        response = client.post("/v1/datasets", files={"files": ("l.zip", _symlink_zip(), "application/zip")})
+
+        assert response.status_code == 400 and "symbolic link" in error_of(response)
+        assert_nothing_left(client, settings)
+
+
+PNG, ZIP = object(), object()  # stand-ins for a small PNG and a zip holding one
+BAD_UPLOADS = {
+    "zip name, not a zip": ([("files", "data.zip", b"hello")], 415, "data.zip: not a zip archive"),
+    "one non-image file": ([("files", "notes.txt", b"hello")], 415, "expected a zip archive or an image"),
+    "no files": ([("name", None, b"just a name")], 422, "no files uploaded"),
+    "dot-dot file name": ([("files", "../a.png", PNG), ("files", "b.png", PNG)], 400, "'..' is not allowed"),
+    "absolute file name": ([("files", "/tmp/a.png", PNG)], 400, "absolute paths are not allowed"),
+    "zip among images": ([("files", "a.zip", ZIP), ("files", "b.png", PNG)], 400, "send one zip file on its own"),
+    "unknown field": ([("files", "a.png", PNG), ("color", None, b"red")], 422, "color: unknown form field"),
+    "file in other field": ([("images", "a.png", PNG)], 422, "files go in the form field 'files'"),
+    "control character in name": ([("files", "a.png", PNG), ("name", None, b"a\x07b")], 422,
+                                  "name: control characters are not allowed"),
+    "one broken image": ([("files", "a.png", b"not a png")], 422, "a.png: not a readable image"),
+}
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(client, settings, png, zip_bytes, multipart, subtests):
+    stand_ins = {PNG: png(), ZIP: zip_bytes({"a.png": png()})}
+    for case, (parts, status, message) in BAD_UPLOADS.items():
+        with subtests.test(case):
+            body, headers = multipart([(field, name, stand_ins.get(data, data)) for field, name, data in parts])
+
+            response = client.post("/v1/datasets", content=body, headers=headers)
+
+            assert response.status_code == status, response.text
+            assert message in error_of(response)
+            assert_nothing_left(client, settings)
+    with subtests.test("not multipart"):
+        response = client.post("/v1/datasets", data={"name": "x"})
+
+        assert response.status_code == 415 and "multipart/form-data" in error_of(response)
+    with subtests.test("truncated body"):
+        body, headers = multipart([("files", "a.png", png())])
+
+        response = client.post("/v1/datasets", content=body[:-30], headers=headers)
+
+        assert response.status_code == 400 and "closing boundary" in error_of(response)
+        assert_nothing_left(client, settings)
+
+
+def _noise_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 100).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _zeros_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.png", b"\0" * 100_000)
+    return buffer.getvalue()
+
+
+def test_uploads_past_the_limits_are_413(make_client, settings, multipart, png, subtests):
+    client = make_client(settings.model_copy(update={"max_upload_bytes": 4000, "max_upload_files": 2}))
+    with subtests.test("Content-Length over the limit"):
+        response = client.post("/v1/datasets", files={"files": ("n.png", _noise_png(), "image/png")})
+
+        assert response.status_code == 413 and "over the limit of 4000 bytes" in error_of(response)
+        assert_nothing_left(client, settings)
+    with subtests.test("chunked body, counted while streaming"):
+        body, headers = multipart([("files", "a.png", png() + b"\0" * 10_000)])
+        chunks = (body[i:i + 1000] for i in range(0, len(body), 1000))  # no Content-Length
+
+        response = client.post("/v1/datasets", content=chunks, headers=headers)
+
+        assert response.status_code == 413 and "over the limit of 4000 bytes" in error_of(response)
+        assert_nothing_left(client, settings)
+    with subtests.test("too many files"):
+        body, headers = multipart([("files", f"{n}.png", png(8, 8)) for n in range(3)])
+
+        response = client.post("/v1/datasets", content=body, headers=headers)
+
+        assert response.status_code == 413 and "more than 2 files" in error_of(response)
+        assert_nothing_left(client, settings)
+    with subtests.test("zip that expands past the limit"):
+        response = client.post("/v1/datasets", files={"files": ("z.zip", _zeros_zip(), "application/zip")})
+
+        assert response.status_code == 413 and "expands to 100000 bytes" in error_of(response)
+        assert_nothing_left(client, settings)
+
+
+def test_list_show_and_delete(client, settings, upload, png):
+    first = upload({"a.png": png()}, name="first.zip").json()
+    second = upload({"a.png": png()}, name="second.zip").json()
+
+    listed = client.get("/v1/datasets").json()
+    deleted = client.delete(f"/v1/datasets/{first['id']}")
+
+    assert [d["name"] for d in listed["items"]] == ["second", "first"] and listed["total"] == 2
+    assert "report" not in listed["items"][0]
+    assert deleted.status_code == 204
+    assert client.get(f"/v1/datasets/{first['id']}").status_code == 404
+    assert not storage.dataset_dir(settings, first["id"]).exists()
+    assert storage.dataset_dir(settings, second["id"]).is_dir()
+
+
+def test_unknown_dataset_is_404(client):
+    for response in (client.get("/v1/datasets/nope"), client.delete("/v1/datasets/nope"),
+                     client.get("/v1/datasets/nope/thumbnails/0")):
+        assert response.status_code == 404 and error_of(response) == "dataset nope not found"
+
+
+def test_dataset_used_by_a_job_cannot_be_deleted(client, session, dataset_id, submit):
+    from loraq.jobs import transition
+    from loraq.models import JobState
+
+    job = submit().json()
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 409
+    transition(session, job["id"], JobState.queued, JobState.canceled)
+    session.commit()
+
+    response = client.delete(f"/v1/datasets/{dataset_id}")
+
+    assert response.status_code == 409 and "used by 1 job(s)" in error_of(response)

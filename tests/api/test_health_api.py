@@ -1,0 +1,38 @@
+"""/healthz, /v1/models, the docs, and the one error shape for routes that do not exist."""
+
+from __future__ import annotations
+
+
+def test_healthz_ok(client):
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["database"], body["redis"]) == ("ok", "ok") and isinstance(body["workers"], int)
+
+
+def test_healthz_503_when_redis_is_down(make_client, settings):
+    client = make_client(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 503
+    assert response.json() == {"database": "ok", "redis": "error", "workers": None}
+
+
+def test_models_lists_the_demo_model(client, settings):
+    items = client.get("/v1/models").json()
+
+    assert items == [{"name": "tiny-sd", "source": str(settings.demo_model_dir.resolve()), "available": True}]
+
+
+def test_docs_and_openapi(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "multipart/form-data" in paths["/v1/datasets"]["post"]["requestBody"]["content"]
+
+
+def test_unknown_route_has_the_error_shape(client):
+    response = client.get("/v1/nothing")
+
+    assert response.status_code == 404 and response.json() == {"error": {"status": 404, "message": "Not Found"}}
