@@ -1,9 +1,11 @@
 # loraq: LoRA training for Stable Diffusion as a queued service.
 #
 #   make setup   create .venv and install the project (torch's CPU wheel first)
-#   make run     a short demo training on a tiny generated model and dataset
+#   make run     the whole service: migrations, Redis, demo model, API on :8000 and one worker
+#   make worker  one more worker against the same settings (another GPU, another host)
+#   make demo    a short training from the command line on a tiny generated model and dataset
 #   make test    start PostgreSQL and Redis if needed, then run the test suite
-#   make bench   run the trainer benchmark and update BENCHMARKS.md
+#   make bench   run the trainer and service benchmarks and update BENCHMARKS.md
 #   make clean   remove var/ and caches (keeps .venv)
 
 PYTHON_SYSTEM ?= python3
@@ -20,7 +22,7 @@ DEMO_MODEL    := var/models/tiny-sd
 DEMO_DATA     := var/datasets/sample
 DEMO_OUT      := var/runs/demo
 
-.PHONY: setup run test bench clean services
+.PHONY: setup run worker demo test bench clean services
 
 setup: $(STAMP)
 
@@ -40,9 +42,17 @@ $(DEMO_DATA)/.done: | $(STAMP)
 	$(PY) -m trainer sample-data $(DEMO_DATA) --count 8 --size 48
 	touch $@
 
-# For now, the demo training; later this target starts the API and the worker.
-# Events go to $(DEMO_OUT)/events.jsonl as JSON lines; the log and progress bar go to the terminal.
-run: setup $(DEMO_MODEL)/model_index.json $(DEMO_DATA)/.done
+# The service on the embedded defaults (SQLite under var/, the local Redis, the demo model
+# tiny-sd); LORAQ_* variables change them. Ctrl-C stops everything it started.
+run: setup
+	$(PY) -m loraq.launcher
+
+worker: setup
+	$(PY) -m worker
+
+# The trainer alone. Events go to $(DEMO_OUT)/events.jsonl as JSON lines; the log and progress
+# bar go to the terminal.
+demo: setup $(DEMO_MODEL)/model_index.json $(DEMO_DATA)/.done
 	rm -rf $(DEMO_OUT) && mkdir -p $(DEMO_OUT)
 	$(PY) -m trainer train \
 	    --pretrained_model_name_or_path $(DEMO_MODEL) --train_data_dir $(DEMO_DATA) \
@@ -72,8 +82,9 @@ services:
 test: setup services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: setup services
 	$(PY) -m bench.trainer
+	$(PY) -m bench.service
 
 clean:
 	rm -rf var .pytest_cache build *.egg-info

@@ -1,0 +1,100 @@
+"""A real service for end-to-end tests: uvicorn serving the API and a Celery worker process,
+on the real Redis and the test's database, each test with its own data folder and queue."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(settings) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "LORAQ_DATA_DIR": str(settings.data_dir), "LORAQ_REDIS_URL": settings.redis_url,
+           "LORAQ_QUEUE_NAME": settings.queue_name, "LORAQ_HEARTBEAT_S": str(settings.heartbeat_s),
+           "LORAQ_LEASE_S": str(settings.lease_s)}
+    if settings.database_url:
+        env["LORAQ_DATABASE_URL"] = settings.database_url
+    return env
+
+
+@dataclass
+class Service:
+    url: str
+    client: httpx.Client
+    api: subprocess.Popen
+    worker: subprocess.Popen
+    logs: Path
+
+    def wait_for(self, job_id: str, states: set[str], timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def service(settings, tmp_path):
+    """The API on a free port and one worker; both stopped after the test."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = service_env(settings)
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port)], cwd=ROOT, env=env,
+        stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
+                              stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=30)
+    running = Service(url, client, api, worker, logs)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                health = client.get("/healthz")
+                if health.status_code == 200 and health.json().get("workers", 0) >= 1:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or api.poll() is not None or worker.poll() is not None:
+                raise AssertionError(f"service did not come up:\n{running.tail()}")
+            time.sleep(0.3)
+        yield running
+    finally:
+        client.close()
+        stop(worker)
+        stop(api)
