@@ -1,0 +1,75 @@
+"""The full training config of one attempt: the user's options plus what only the service decides."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from loraq import storage
+from loraq.errors import AppError
+from loraq.models import Dataset, Job
+from loraq.settings import Settings
+from trainer.checkpoints import STATE_FILE, list_checkpoints
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.model import LORA_WEIGHTS_NAME
+
+log = logging.getLogger("loraq.worker")
+
+# Options the service sets; a value the user gave for one of these is dropped, never obeyed, so a
+# job cannot read another model or write outside its attempt folder.
+SERVICE_OPTIONS = frozenset({"pretrained_model_name_or_path", "train_data_dir", "output_dir", "device",
+                             "resume_from_checkpoint"})
+
+
+def build_train_config(settings: Settings, job: Job, dataset: Dataset, attempt: int) -> TrainConfig:
+    """Validate the job's options with the paths of this attempt; raises ConfigError naming the problem."""
+    models = settings.allowed_models()
+    if job.base_model not in models:
+        raise ConfigError(f"base_model: {job.base_model!r} is not one of the allowed models")
+    ignored = sorted(SERVICE_OPTIONS & set(job.config))
+    if ignored:
+        log.warning("job.options_ignored job=%s options=%s", job.id, ",".join(ignored))
+    values = {key: value for key, value in job.config.items() if key not in SERVICE_OPTIONS}
+    values.update(
+        pretrained_model_name_or_path=models[job.base_model],
+        train_data_dir=str(dataset_path(settings, dataset.storage_path)),
+        output_dir=str(storage.attempt_dir(settings, job.id, attempt)),
+        device=settings.worker_device,
+    )
+    resume = resume_checkpoint(settings, job.id, attempt)
+    if resume is not None:
+        values["resume_from_checkpoint"] = str(resume)
+    return load_config(values)
+
+
+def dataset_path(settings: Settings, storage_path: str) -> Path:
+    """The dataset's folder (or zip), which must lie inside the data directory."""
+    try:  # an absolute path replaces the root in the join, and is then checked the same way
+        return storage.inside(settings.data_dir, storage_path)
+    except AppError:
+        raise ConfigError(f"train_data_dir: dataset folder {storage_path} is outside the data directory") from None
+
+
+def resume_checkpoint(settings: Settings, job_id: str, attempt: int) -> Path | None:
+    """The furthest complete checkpoint any attempt of this job (up to `attempt`) left behind."""
+    found = [
+        (_step(path), number, path)
+        for number in range(1, attempt + 1)
+        for path in list_checkpoints(storage.attempt_dir(settings, job_id, number))
+        if _is_complete(path)
+    ]
+    return max(found)[2] if found else None
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """A checkpoint killed while being written lacks its LoRA file, which the trainer saves last."""
+    try:
+        json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / LORA_WEIGHTS_NAME).is_file()

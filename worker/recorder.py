@@ -1,0 +1,210 @@
+"""Trainer events into rows: metrics, job progress, numbered job events, artifacts, the outcome.
+
+Every transaction starts with a fence, an UPDATE of the job row that matches only while this
+attempt still owns the job: a worker that lost its lease cannot write over a newer attempt.
+Events reach Redis only after their transaction commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from loraq import events, storage
+from loraq.jobs import transition
+from loraq.models import Artifact, ArtifactKind, Job, JobMetric, JobState, utcnow
+from loraq.settings import Settings
+from trainer.model import LORA_WEIGHTS_NAME
+
+log = logging.getLogger("loraq.worker")
+
+OWNED_STATES = (JobState.running, JobState.canceling)
+METRIC_FIELDS = ("loss", "lr", "grad_norm", "epoch", "images_per_s")
+
+
+class LostOwnership(Exception):
+    """This attempt no longer owns the job (lease lost, requeued, settled elsewhere)."""
+
+
+class Recorder:
+    """Writes what one attempt's trainer reports, fenced by the attempt."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], redis, job_id: str, attempt: int):
+        self.settings = settings
+        self.sessions = sessions
+        self.redis = redis
+        self.job_id = job_id
+        self.attempt = attempt
+        self.attempt_dir = storage.attempt_dir(settings, job_id, attempt)
+        self.log_path = self.attempt_dir / "train.log"
+        self.done: dict | None = None  # the trainer's `done` event, once seen
+        self.error: str | None = None  # the message of its last `error` event
+
+    def record(self, batch: list[dict]) -> None:
+        """Write a batch of trainer events in one transaction; raises LostOwnership."""
+        # Files are hashed before the transaction opens, so it stays short.
+        artifacts = [row for event in batch for row in self._artifacts_of(event) if row]
+        with self._transaction() as (session, added):
+            self._fence(session, **_progress(batch))
+            for event in batch:
+                self._apply(session, event, added)
+            for row in artifacts:
+                _upsert_artifact(session, row)
+            if any(event.get("type") == "checkpoint" for event in batch):
+                _forget_pruned_checkpoints(session, self.job_id)
+
+    def succeed(self) -> bool:
+        """Record the LoRA files and the log, then move the job to succeeded.
+
+        Returns False, writing nothing, when the LoRA file the trainer reported is not there.
+        """
+        done = self.done or {}
+        step = done.get("step")
+        loras = [self._describe(ArtifactKind.lora, Path(p).name, Path(p), step) for p in done.get("paths", [])]
+        names = [row["name"] for row in loras if row]
+        if LORA_WEIGHTS_NAME not in names:
+            return False
+        self._settle(JobState.succeeded, [*loras, self._log_artifact()], events.DONE,
+                     {"step": step, "loss": done.get("loss"), "artifacts": names},
+                     step=step, total_steps=done.get("total_steps"))
+        return True
+
+    def fail(self, message: str) -> None:
+        self._settle(JobState.failed, [self._log_artifact()], events.ERROR, {"message": message}, error=message)
+
+    def cancel(self) -> None:
+        self._settle(JobState.canceled, [self._log_artifact()], None, None)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _settle(self, state: JobState, artifacts: list, event_type: str | None, data: dict | None, **fields) -> None:
+        """Record the last artifacts and event, and move the job to its final `state`."""
+        with self._transaction() as (session, added):
+            self._fence(session)
+            for row in filter(None, artifacts):
+                _upsert_artifact(session, row)
+            if event_type:
+                added.append(events.append_event(session, self.job_id, event_type, data))
+            expected = (JobState.canceling,) if state == JobState.canceled else OWNED_STATES
+            state_event = transition(session, self.job_id, expected, state, attempt=self.attempt,
+                                     **{key: value for key, value in fields.items() if value is not None})
+            if state_event is None:
+                raise LostOwnership
+            added.append(state_event)
+
+    @contextmanager
+    def _transaction(self):
+        added: list = []
+        with self.sessions.begin() as session:
+            yield session, added
+        events.publish(self.redis, added)
+
+    def _fence(self, session: Session, **fields) -> None:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.state.in_([s.value for s in OWNED_STATES]))
+            .values(**(fields or {"step": Job.step}))  # a no-op update still takes the row
+        )
+        if result.rowcount != 1:
+            raise LostOwnership
+
+    def _apply(self, session: Session, event: dict, added: list) -> None:
+        kind = event.get("type")
+        if kind == "start":
+            # A resumed attempt retrains the steps after its checkpoint: drop the old timeline's.
+            session.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step > event["step"]))
+            added.append(events.append_event(session, self.job_id, events.LOG, _public(event)))
+        elif kind == "step":
+            _upsert_metric(session, self.job_id, event)
+            added.append(events.append_event(session, self.job_id, events.STEP, _public(event)))
+            log.debug("job.step job=%s step=%s loss=%s", self.job_id, event["step"], event.get("loss"))
+        elif kind == "checkpoint":
+            added.append(events.append_event(session, self.job_id, events.CHECKPOINT, {
+                "step": event["step"], "artifacts": [f"{Path(p).name}/{LORA_WEIGHTS_NAME}" for p in event["paths"]]}))
+        elif kind == "validation":
+            added.append(events.append_event(session, self.job_id, events.SAMPLE, {
+                "step": event["step"], "message": event.get("message"),
+                "artifacts": [_sample_name(p) for p in event["paths"]]}))
+        elif kind == "done":
+            self.done = event
+        elif kind == "error":
+            self.error = event.get("message") or "training failed without a message"
+
+    def _artifacts_of(self, event: dict) -> list[dict]:
+        kind, step = event.get("type"), event.get("step")
+        if kind == "checkpoint":
+            return [self._describe(ArtifactKind.checkpoint, f"{Path(p).name}/{LORA_WEIGHTS_NAME}",
+                                   Path(p) / LORA_WEIGHTS_NAME, step) for p in event["paths"]]
+        if kind == "validation":
+            return [self._describe(ArtifactKind.sample, _sample_name(p), Path(p), step) for p in event["paths"]]
+        return []
+
+    def _log_artifact(self) -> dict | None:
+        if not self.log_path.is_file():  # the job failed before a training process started
+            return None
+        return self._describe(ArtifactKind.log, f"logs/attempt-{self.attempt}.log", self.log_path, None)
+
+    def _describe(self, kind: ArtifactKind, name: str, path: Path, step: int | None) -> dict | None:
+        """An artifact row for a file this attempt wrote; None (and a warning) if it is not there."""
+        path = path.resolve()
+        if self.attempt_dir not in path.parents or not path.is_file():
+            log.warning("job.artifact_missing job=%s name=%s path=%s", self.job_id, name, path)
+            return None
+        return {"job_id": self.job_id, "kind": kind.value, "name": name, "path": str(path),
+                "size": path.stat().st_size, "sha256": storage.sha256_file(path), "step": step}
+
+
+def _progress(batch: list[dict]) -> dict:
+    """The job row's progress fields after this batch."""
+    fields = {}
+    for event in batch:
+        if event.get("type") == "start":
+            fields.update(step=event["step"], total_steps=event["total_steps"])
+        elif event.get("type") == "step":
+            fields.update(step=event["step"], last_loss=event.get("loss"))
+    return fields
+
+
+def _public(event: dict) -> dict:
+    """The trainer's event as job event data: its fields without the type."""
+    return {key: value for key, value in event.items() if key != "type"}
+
+
+def _sample_name(path: str) -> str:
+    return f"samples/{Path(path).name}"
+
+
+def _insert(session: Session, model):
+    """An INSERT that can take ON CONFLICT, in this database's dialect."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(model)
+
+
+def _upsert_metric(session: Session, job_id: str, event: dict) -> None:
+    values = {key: event.get(key) for key in METRIC_FIELDS}
+    values["time"] = datetime.fromtimestamp(event["time"], timezone.utc) if event.get("time") else utcnow()
+    statement = _insert(session, JobMetric).values(job_id=job_id, step=event["step"], **values)
+    session.execute(statement.on_conflict_do_update(index_elements=["job_id", "step"], set_=values))
+
+
+def _upsert_artifact(session: Session, row: dict) -> None:
+    """Artifact names are unique per job: a later attempt's file replaces an earlier one's."""
+    values = {**row, "created_at": utcnow()}
+    changes = {key: value for key, value in values.items() if key not in ("job_id", "name")}
+    statement = _insert(session, Artifact).values(**values)
+    session.execute(statement.on_conflict_do_update(index_elements=["job_id", "name"], set_=changes))
+
+
+def _forget_pruned_checkpoints(session: Session, job_id: str) -> None:
+    """Drop the rows of checkpoints the trainer deleted (`checkpoints_total_limit`)."""
+    rows = session.execute(select(Artifact.id, Artifact.path).where(
+        Artifact.job_id == job_id, Artifact.kind == ArtifactKind.checkpoint.value)).all()
+    gone = [row.id for row in rows if not Path(row.path).is_file()]
+    if gone:
+        session.execute(delete(Artifact).where(Artifact.id.in_(gone)))

@@ -1,0 +1,36 @@
+"""The Celery task: a wake-up carrying (job id, attempt); the work is `worker.runner.run_job`."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery, Task
+
+from loraq.queue import RUN_JOB_TASK
+from loraq.settings import Settings
+from worker import runner
+
+
+class _PerProcess:
+    """Connections opened lazily in the process that runs tasks (a pool child), not its parent."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._resources: runner.Resources | None = None
+
+    def get(self) -> runner.Resources:
+        if self._resources is None or self._resources.pid != os.getpid():
+            self._resources = runner.Resources.open(self.settings)
+        return self._resources
+
+
+def register(app: Celery, settings: Settings) -> Task:
+    """Add the run-job task to `app`, bound to `settings`."""
+    resources = _PerProcess(settings)
+
+    @app.task(name=RUN_JOB_TASK, bind=True)
+    def run_job(self: Task, job_id: str, attempt: int) -> str:
+        worker = f"{self.request.hostname}:{os.getpid()}"
+        return runner.run_job(settings, job_id, attempt, worker=worker, resources=resources.get()).value
+
+    return run_job
