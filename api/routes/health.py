@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import CeleryDep, RedisDep, SessionDep
+from api.deps import RedisDep, SessionDep
 from api.schemas import Health
 from api.services.health import check
 
@@ -13,7 +13,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", responses={503: {"model": Health}})
-def healthz(session: SessionDep, redis: RedisDep, celery: CeleryDep) -> JSONResponse:
-    health = check(session, redis, celery)
+def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
+    health = check(session, redis)
     ok = health.database == "ok" and health.redis == "ok"
     return JSONResponse(health.model_dump(), status_code=200 if ok else 503)

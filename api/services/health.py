@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from api.schemas import Health
+from loraq.workers import live_workers
 
 log = logging.getLogger("loraq.api.health")
-PING_TIMEOUT_S = 0.5
 
 
-def check(session: Session, redis, celery: Celery) -> Health:
-    """`ok` or `error` for the database and Redis, and how many Celery workers answer a ping."""
+def check(session: Session, redis) -> Health:
+    """`ok` or `error` for the database and Redis, and how many workers' heartbeats are live."""
     database = redis_state = "ok"
     try:
         session.execute(text("SELECT 1"))
@@ -30,7 +29,7 @@ def check(session: Session, redis, celery: Celery) -> Health:
     workers = None
     if redis_state == "ok":
         try:
-            workers = len(celery.control.ping(timeout=PING_TIMEOUT_S) or [])
+            workers = len(live_workers(redis))
         except Exception as error:  # noqa: BLE001
-            log.warning("health.ping_error: %s", error)
+            log.warning("health.workers_error: %s", error)
     return Health(database=database, redis=redis_state, workers=workers)

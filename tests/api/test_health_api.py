@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 def test_healthz_ok(client):
     response = client.get("/healthz")
@@ -36,3 +38,22 @@ def test_unknown_route_has_the_error_shape(client):
     response = client.get("/v1/nothing")
 
     assert response.status_code == 404 and response.json() == {"error": {"status": 404, "message": "Not Found"}}
+
+
+def test_healthz_counts_workers_by_their_heartbeat(client, settings):
+    import redis
+
+    from loraq.workers import start_heartbeat
+
+    connection = redis.Redis.from_url(settings.redis_url)
+    before = client.get("/healthz").json()["workers"]
+    stop = start_heartbeat(connection, f"test-{settings.queue_name}", {"pid": 0})
+    try:
+        deadline = time.monotonic() + 5
+        while client.get("/healthz").json()["workers"] != before + 1:
+            assert time.monotonic() < deadline
+    finally:
+        stop.set()
+    deadline = time.monotonic() + 10
+    while client.get("/healthz").json()["workers"] != before:  # removed on stop, not left to expire
+        assert time.monotonic() < deadline
