@@ -10,11 +10,12 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import multiprocessing
 import os
 import select
 import signal
 import sys
+import time
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("loraq.worker")
@@ -32,14 +33,21 @@ class TrainingProcess:
     def __init__(self, config, log_path: Path):
         self.config = config
         self.log_path = log_path
-        self._process: multiprocessing.Process | None = None
+        self.pid: int | None = None
+        self._pidfd: int | None = None  # readable once the child exits
+        self._returncode: int | None = None
         self._fd: int | None = None
         self._buffer = b""
         self._eof = False
 
     @property
     def exitcode(self) -> int | None:
-        return self._process.exitcode if self._process else None
+        """The child's exit code (negative: killed by that signal), None while it runs."""
+        if self._returncode is None and self.pid is not None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._returncode = os.waitstatus_to_exitcode(status)
+        return self._returncode
 
     @property
     def finished(self) -> bool:
@@ -53,52 +61,68 @@ class TrainingProcess:
             # CUDA does not survive a fork: the child's first CUDA call would fail.
             log.warning("worker.cuda_initialized_before_fork: the training child cannot use CUDA")
         read_fd, write_fd = os.pipe()
-        # fork, not spawn: the child inherits the imported torch/diffusers and starts in
-        # milliseconds instead of the seconds a fresh interpreter needs.
-        context = multiprocessing.get_context("fork")
-        self._process = context.Process(
-            target=_child_main, args=(self.config, read_fd, write_fd, str(self.log_path), os.getpid()),
-            name=f"train:{self.log_path.parent.name}",
-        )
-        try:
-            self._process.start()
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)  # only the child writes, so the pipe ends when the child does
+        parent_pid = os.getpid()
+        # A bare fork, not spawn: the child inherits the imported torch/diffusers and starts in
+        # milliseconds instead of the seconds a fresh interpreter needs. Not multiprocessing's
+        # fork either: its after-fork hooks let kombu close the parent's broker connections from
+        # the child, which blocked reading the parent's socket.
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child_main(self.config, read_fd, write_fd, str(self.log_path), parent_pid)
+            except BaseException:  # noqa: BLE001 - whatever happens, never return into the worker
+                traceback.print_exc()
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+                os._exit(code)
+        os.close(write_fd)  # only the child writes, so the pipe ends when the child does
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
         os.set_blocking(read_fd, False)
         self._fd = read_fd
         try:  # also set here (the child does it too), so a stop right after start hits the group
-            os.setpgid(self._process.pid, self._process.pid)
+            os.setpgid(pid, pid)
         except OSError:
             pass
-        return self._process.pid
+        return pid
 
     def poll(self, timeout: float) -> list[dict]:
         """The events written since the last call, waiting up to `timeout` s for something."""
         poller = select.poll()
-        poller.register(self._process.sentinel, select.POLLIN)
+        poller.register(self._pidfd, select.POLLIN)
         if not self._eof:
             poller.register(self._fd, select.POLLIN)
         if poller.poll(timeout * 1000):
             # Once the child has exited, its last events are all in the pipe already: read
             # them now, because a grandchild holding the pipe open would delay the EOF forever.
             self._drain()
-            if self._process.exitcode is not None:
+            if self.exitcode is not None:
                 self._eof = True
         return self._take_events()
 
     def stop(self, grace: float = TERM_GRACE_S) -> None:
         """SIGTERM the child's process group, then SIGKILL it if still there after `grace` s."""
-        if self._process is None or self._process.exitcode is not None:
+        if self.pid is None or self.exitcode is not None:
             return
         self._signal(signal.SIGTERM)
         self._signal(signal.SIGCONT)  # a stopped process would never act on the SIGTERM
-        self._process.join(grace)
-        if self._process.exitcode is None:
+        if not self._wait(grace):
             self._signal(signal.SIGKILL)
-            self._process.join()
+            self._wait(None)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait for the child to exit (at most `timeout` s); True once it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exitcode is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            select.select([self._pidfd], [], [], 0.05)
+        return True
 
     def close(self) -> None:
         """Stop the child if needed and release the pipe."""
@@ -106,8 +130,9 @@ class TrainingProcess:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._process is not None and self._process.exitcode is not None:
-            self._process.close()  # its sentinel fd
+        if self._pidfd is not None and self.exitcode is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def failure_reason(self) -> str:
         """Why the child ended without finishing, for when it could not say so itself."""
@@ -126,10 +151,10 @@ class TrainingProcess:
 
     def _signal(self, sig: int) -> None:
         try:
-            os.killpg(self._process.pid, sig)
+            os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             try:
-                os.kill(self._process.pid, sig)
+                os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -172,8 +197,8 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
 # In the child
 
 
-def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int) -> None:
-    """Train with events to `write_fd`; exit 0 on success, 1 after reporting an error event."""
+def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int) -> int:
+    """Train with events to `write_fd`; 0 on success, 1 after reporting an error event."""
     os.close(read_fd)
     _detach(parent_pid)
     log_file = _redirect_output(log_path)
@@ -193,7 +218,8 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
         train(config, on_event)
     except Exception:  # the error event already went to the parent; the traceback goes to the log
         logging.getLogger("trainer").exception("training failed")
-        sys.exit(1)
+        return 1
+    return 0
 
 
 def _detach(parent_pid: int) -> None:
