@@ -1,0 +1,3 @@
+from loraq_client.cli import main
+
+main()

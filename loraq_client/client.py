@@ -1,0 +1,521 @@
+"""A Python client for the loraq service (httpx only; none of the server's packages).
+
+    from loraq_client import Client
+    client = Client()                                  # LORAQ_URL / LORAQ_API_KEY, or the local default
+    dataset = client.upload_dataset("photos/")         # a folder (zipped on the fly) or a zip
+    job = client.create_job(dataset.id, "tiny-sd", {"max_train_steps": 100})
+    job = client.wait(job.id)                          # follows the live events
+    client.download(job.id, "pytorch_lora_weights.safetensors", "out/")
+
+Every non-2xx answer raises LoraqError(status, message) with the server's message; a server that
+cannot be reached raises LoraqError(0, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+LOCAL_KEY_FILE = Path("var") / "admin-key"
+FINAL_STATES = frozenset({"succeeded", "failed", "canceled"})
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+CHUNK = 1 << 20
+
+
+class LoraqError(Exception):
+    """A non-2xx answer (status and the server's message), or status 0 when the server is unreachable."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Typed results: known fields as attributes, the whole answer in `raw`.
+
+
+def _build(cls, data: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names}, raw=data)
+
+
+@dataclass
+class Dataset:
+    id: str
+    name: str
+    image_count: int = 0
+    captioned_count: int = 0
+    total_bytes: int = 0
+    content_hash: str = ""
+    created_at: str = ""
+    report: dict | None = None
+    thumbnails: list | None = None
+    captions: list | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    name: str | None = None
+    step: int = 0
+    total_steps: int = 0
+    progress: float = 0.0
+    last_loss: float | None = None
+    dataset_id: str = ""
+    base_model: str = ""
+    config: dict = field(default_factory=dict)
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    attempt: int = 1
+    worker: str | None = None
+    queue_position: int | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass
+class Metric:
+    step: int
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    epoch: int | None = None
+    images_per_s: float | None = None
+    time: str | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Artifact:
+    name: str
+    kind: str = ""
+    size: int = 0
+    sha256: str = ""
+    step: int | None = None
+    url: str = ""
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Model:
+    name: str
+    source: str = ""
+    available: bool = False
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event: `id` is the job's event sequence number, `type` e.g. state, step, done."""
+
+    id: int
+    type: str
+    data: dict
+
+
+@dataclass
+class Page:
+    items: list
+    total: int
+    limit: int
+    offset: int
+
+
+def as_dict(obj) -> Any:
+    """JSON-ready form of a result (the server's own answer for Dataset/Job/...)."""
+    if isinstance(obj, list):
+        return [as_dict(o) for o in obj]
+    if isinstance(obj, Page):
+        return {"items": as_dict(obj.items), "total": obj.total, "limit": obj.limit, "offset": obj.offset}
+    if isinstance(obj, Event):
+        return {"id": obj.id, "type": obj.type, "data": obj.data}
+    if dataclasses.is_dataclass(obj):
+        return obj.raw or {k: v for k, v in dataclasses.asdict(obj).items() if k != "raw"}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Local datasets
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def local_files(folder: Path) -> list[tuple[str, Path]]:
+    """(relative posix name, path) of a folder's files, sorted, hidden ones left out (as the server does)."""
+    folder = Path(folder)
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(_hidden(p) for p in rel.parts):
+            found.append((rel.as_posix(), path))
+    return sorted(found)
+
+
+def _iter_members(path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(name, opener) for each file of a folder or zip, sorted by name, hidden ones left out."""
+    path = Path(path)
+    if path.is_dir():
+        for name, file in local_files(path):
+            yield name, (lambda file=file: open(file, "rb"))
+    else:
+        with zipfile.ZipFile(path) as zf:
+            infos = sorted((i for i in zf.infolist() if not i.is_dir()
+                            and not any(_hidden(p) for p in i.filename.split("/") if p)),
+                           key=lambda i: i.filename)
+            for info in infos:
+                yield info.filename, (lambda info=info: zf.open(info))
+
+
+def _sha256_stream(fh) -> str:
+    digest = hashlib.sha256()
+    while chunk := fh.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """sha256 over a folder's (or zip's) files: each relative name and its bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, opener in _iter_members(Path(path)):
+        digest.update(name.encode() + b"\0")
+        with opener() as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def server_content_hash(path: str | Path) -> str:
+    """The `content_hash` the server records for this folder or zip when every file is kept."""
+    hashes = []
+    for _name, opener in _iter_members(Path(path)):
+        with opener() as fh:
+            hashes.append(_sha256_stream(fh))
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
+        for name, path in local_files(folder):
+            zf.write(path, name)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# SSE
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    current: dict[str, str] = {}
+    data_lines: list[str] = []
+    for line in lines:
+        if line == "":
+            if data_lines:
+                try:
+                    data = json.loads("\n".join(data_lines))
+                except ValueError:
+                    data = {"text": "\n".join(data_lines)}
+                yield Event(id=int(current.get("id") or 0), type=current.get("event", "message"), data=data)
+            current, data_lines = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "data":
+            data_lines.append(value)
+        else:
+            current[key] = value
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _is_local(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
+
+
+def resolve(url: str | None = None, api_key: str | None = None) -> tuple[str, str | None]:
+    """Explicit values, then LORAQ_URL / LORAQ_API_KEY, then the local default and ./var/admin-key."""
+    url = (url or os.environ.get("LORAQ_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key or os.environ.get("LORAQ_API_KEY") or None
+    if key is None and _is_local(url) and LOCAL_KEY_FILE.is_file():
+        key = LOCAL_KEY_FILE.read_text().strip() or None
+    return url, key
+
+
+class Client:
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None, reconnect_delay: float = 1.0,
+                 max_reconnects: int = 30):
+        self.url, self.api_key = resolve(url, api_key)
+        headers = {"User-Agent": "loraq-client"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnects = max_reconnects
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        try:
+            response.read()
+            body = response.json()
+            message = body["error"]["message"]
+        except Exception:  # not the service's error shape
+            message = (response.text or response.reason_phrase or "").strip()[:500]
+        raise LoraqError(response.status_code, message or f"HTTP {response.status_code}")
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise LoraqError(0, f"cannot reach {self.url}: {exc}") from exc
+        self._raise_for(response)
+        return response
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, name: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> Dataset:
+        """Upload a folder (zipped into a temporary file first) or a zip, streamed from disk."""
+        path = Path(path)
+        if not path.exists():
+            raise LoraqError(0, f"{path}: no such file or folder")
+        if path.is_dir():
+            with tempfile.TemporaryDirectory(prefix="loraq-upload-") as tmp:
+                archive = zip_folder(path, Path(tmp) / f"{path.resolve().name or 'dataset'}.zip")
+                return self._upload_file(archive, name or path.resolve().name, progress)
+        return self._upload_file(path, name, progress)
+
+    def _upload_file(self, path: Path, name: str | None, progress) -> Dataset:
+        boundary = uuid.uuid4().hex
+        head = b""
+        if name:
+            head += (f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n'.encode()
+                     + name.encode() + b"\r\n")
+        filename = path.name.replace('"', "_")
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+                 f"Content-Type: application/zip\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        size = path.stat().st_size
+        total = len(head) + size + len(tail)
+
+        def body() -> Iterator[bytes]:
+            sent = 0
+            for part in (head,):
+                sent += len(part)
+                yield part
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    sent += len(chunk)
+                    if progress:
+                        progress(sent, total)
+                    yield chunk
+            yield tail
+            if progress:
+                progress(total, total)
+
+        response = self._request("POST", "/v1/datasets", content=body(), headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)},
+            timeout=httpx.Timeout(self.http.timeout.connect, read=600, write=600, pool=None))
+        return _build(Dataset, response.json())
+
+    def datasets(self, limit: int = 50, offset: int = 0) -> Page:
+        data = self._request("GET", "/v1/datasets", params={"limit": limit, "offset": offset}).json()
+        return Page([_build(Dataset, d) for d in data["items"]], data["total"], data["limit"], data["offset"])
+
+    def all_datasets(self) -> Iterator[Dataset]:
+        offset = 0
+        while True:
+            page = self.datasets(limit=200, offset=offset)
+            yield from page.items
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return
+
+    def dataset(self, dataset_id: str) -> Dataset:
+        return _build(Dataset, self._request("GET", f"/v1/datasets/{quote(dataset_id, safe='')}").json())
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{quote(dataset_id, safe='')}")
+
+    def models(self) -> list[Model]:
+        return [_build(Model, m) for m in self._request("GET", "/v1/models").json()]
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(self, dataset_id: str, base_model: str, options: dict | None = None, name: str | None = None,
+                   idempotency_key: str | None = None) -> Job:
+        body: dict[str, Any] = {"dataset_id": dataset_id, "base_model": base_model, "options": options or {}}
+        if name is not None:
+            body["name"] = name
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return _build(Job, self._request("POST", "/v1/jobs", json=body, headers=headers).json())
+
+    def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> Page:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = state
+        data = self._request("GET", "/v1/jobs", params=params).json()
+        return Page([_build(Job, j) for j in data["items"]], data["total"], data["limit"], data["offset"])
+
+    def _job_path(self, job_id: str) -> str:
+        return f"/v1/jobs/{quote(job_id, safe='')}"
+
+    def job(self, job_id: str) -> Job:
+        return _build(Job, self._request("GET", self._job_path(job_id)).json())
+
+    def cancel(self, job_id: str) -> Job:
+        return _build(Job, self._request("POST", self._job_path(job_id) + "/cancel").json())
+
+    def retry(self, job_id: str) -> Job:
+        return _build(Job, self._request("POST", self._job_path(job_id) + "/retry").json())
+
+    def delete_job(self, job_id: str) -> None:
+        self._request("DELETE", self._job_path(job_id))
+
+    def metrics(self, job_id: str) -> list[Metric]:
+        return [_build(Metric, m) for m in self._request("GET", self._job_path(job_id) + "/metrics").json()]
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        return [_build(Artifact, a) for a in self._request("GET", self._job_path(job_id) + "/artifacts").json()]
+
+    # -- events -----------------------------------------------------------------------------
+
+    def events(self, job_id: str, after: int | None = None, follow: bool = True,
+               idle_timeout: float = 2.0) -> Iterator[Event]:
+        """The job's events after `after`, live. Ends when the server closes the stream after a final
+        state; a dropped connection is resumed with Last-Event-ID (no gap, no repeat).
+
+        follow=False: only the events stored so far (stops after `idle_timeout` s without one).
+        """
+        last = after or 0
+        failures = 0
+        read_timeout = 60.0 if follow else idle_timeout  # the server sends a keep-alive every 15 s
+        timeout = httpx.Timeout(self.http.timeout.connect or 10.0, read=read_timeout, write=30.0, pool=None)
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                with self.http.stream("GET", self._job_path(job_id) + "/events", headers=headers,
+                                      timeout=timeout) as response:
+                    self._raise_for(response)
+                    for event in parse_sse(response.iter_lines()):
+                        failures = 0
+                        last = max(last, event.id)
+                        yield event
+            except httpx.ReadTimeout:
+                if not follow:
+                    return
+                failures += 1
+            except httpx.TransportError:
+                failures += 1
+            else:
+                # A clean close: the job is final (or gone). Make sure, in case a proxy cut it short.
+                if not follow or self.job(job_id).final:
+                    return
+                failures += 1
+            if failures > self.max_reconnects:
+                raise LoraqError(0, f"lost the event stream of job {job_id} {failures} times; giving up")
+            time.sleep(min(self.reconnect_delay * failures, 10.0))
+
+    def wait(self, job_id: str, on_event: Callable[[Event], None] | None = None) -> Job:
+        """Follow the job's events until it is final; return the final job."""
+        for event in self.events(job_id):
+            if on_event:
+                on_event(event)
+        return self.job(job_id)
+
+    # -- artifacts --------------------------------------------------------------------------
+
+    def download(self, job_id: str, name: str = LORA_WEIGHTS, dest: str | Path = ".") -> Path:
+        """Download an artifact to `dest` (a folder, or a file path); resumes a `<file>.part` left by
+        an interrupted download with a Range request, and checks the sha256 the artifact list gives."""
+        listed = {a.name: a for a in self.artifacts(job_id)}
+        if name not in listed:
+            raise LoraqError(404, f"job {job_id} has no artifact {name!r} (it has: {', '.join(sorted(listed)) or 'none'})")
+        artifact = listed[name]
+        dest = Path(dest)
+        target = dest / name.rsplit("/", 1)[-1] if dest.is_dir() or str(dest).endswith(("/", os.sep)) else dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and target.stat().st_size == artifact.size and _sha256_file(target) == artifact.sha256:
+            return target
+        part = target.with_name(target.name + ".part")
+        have = part.stat().st_size if part.is_file() else 0
+        if have > artifact.size:
+            part.unlink()
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and have == artifact.size:
+            headers = {}  # nothing left to fetch; verify below (a bad file is fetched whole)
+        else:
+            self._fetch(job_id, name, part, headers)
+        if _sha256_file(part) != artifact.sha256:
+            if headers or have:  # the kept bytes may be stale: once more from the start
+                part.unlink()
+                self._fetch(job_id, name, part, {})
+            if _sha256_file(part) != artifact.sha256:
+                part.unlink()
+                raise LoraqError(0, f"{name}: sha256 mismatch after download")
+        os.replace(part, target)
+        return target
+
+    def _fetch(self, job_id: str, name: str, part: Path, headers: dict) -> None:
+        path = self._job_path(job_id) + "/artifacts/" + quote(name)
+        timeout = httpx.Timeout(self.http.timeout.connect or 10.0, read=120.0, write=30.0, pool=None)
+        try:
+            with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                if response.status_code == 416:  # range past the end: start over
+                    part.unlink(missing_ok=True)
+                    return self._fetch(job_id, name, part, {})
+                self._raise_for(response)
+                mode = "ab" if response.status_code == 206 and headers else "wb"  # 200: Range ignored
+                with open(part, mode) as fh:
+                    for chunk in response.iter_bytes(CHUNK):
+                        fh.write(chunk)
+        except httpx.TransportError as exc:
+            raise LoraqError(0, f"download of {name} interrupted ({exc}); run it again to resume") from exc
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return _sha256_stream(fh)

@@ -1,0 +1,60 @@
+"""The real service of tests/e2e (uvicorn API + Celery worker), re-exported for the client's tests,
+plus helpers that run the real `loraq` command."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("loraq_e2e_conftest", ROOT / "tests" / "e2e" / "conftest.py")
+_e2e = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _e2e  # dataclasses look their module up
+_spec.loader.exec_module(_e2e)
+
+service = _e2e.service  # the fixture itself, unchanged
+
+TINY = ["--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
+        "--set", "checkpointing_steps=100000"]
+
+
+def cli_env(service_url: str | None = None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
+    env.pop("LORAQ_API_KEY", None)
+    if service_url:
+        env["LORAQ_URL"] = service_url
+    return env
+
+
+def loraq_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loraq_client.cli", *args]
+
+
+def run_loraq(service_url: str, *args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(loraq_cmd(*args), env=cli_env(service_url), cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def dataset_folder(tmp_path) -> Path:
+    from trainer.sample_data import write_sample_dataset
+
+    return write_sample_dataset(tmp_path / "data", n_images=4, size=32)
+
+
+@pytest.fixture
+def loraq(service):
+    """Run the real `loraq` command against the test's service: run(*args), popen(*args), ..."""
+
+    def popen(*args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(loraq_cmd(*args), env=cli_env(service.url), cwd=kwargs.pop("cwd", ROOT),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+    return SimpleNamespace(run=lambda *args, **kw: run_loraq(service.url, *args, **kw), popen=popen,
+                           env=cli_env(service.url), TINY=TINY, ROOT=ROOT, url=service.url)
