@@ -95,3 +95,24 @@ def test_logs_follow_live_and_cancel(service, loraq, dataset_folder):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_failed_job_exits_non_zero_with_its_message(service, loraq, tmp_path):
+    """Options the server accepts but training refuses: the job fails, the command says why."""
+    from PIL import Image
+
+    from trainer.sample_data import write_sample_dataset
+
+    wide = write_sample_dataset(tmp_path / "wide", n_images=2, size=48)
+    for path in wide.glob("*.png"):  # 48x40 at resolution 32: every crop is random
+        Image.open(path).crop((0, 0, 48, 40)).save(path)
+
+    failed = loraq.run("submit", str(wide), "--base-model", "tiny-sd", "--set", "max_train_steps=2",
+                       "--set", "cache_latents=true", *loraq.TINY, "--wait", "-o", str(tmp_path / "out"))
+
+    assert failed.returncode == 1, failed.stderr
+    assert "failed" in failed.stderr and "cache_latents: cannot cache" in failed.stderr
+    job_id = failed.stdout.splitlines()[0].strip()
+    job = service.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "failed" and "cache_latents" in job["error"]
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
