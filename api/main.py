@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.routes import artifacts, datasets, events, health, jobs, models
 from loraq.db import make_engine, make_session_factory
@@ -67,12 +68,27 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
+    headers = getattr(error, "headers", None)
+    if error.status_code == 405:
+        # The router's Allow names only the first route on the path; list every method the path has.
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return error_response(error.status_code, str(error.detail), headers)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     log.exception("api.unexpected_error %s %s", request.method, request.url.path, exc_info=error)
     return error_response(500, "internal error; the server log has the details")
+
+
+def allowed_methods(request: Request) -> str:
+    """`DELETE, GET`: the methods some route answers on the request's path (asked route by route)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
+        scope = {"type": "http", "method": method, "path": request.scope["path"], "headers": [],
+                 "root_path": request.scope.get("root_path", ""), "query_string": b""}
+        if any(route.matches(dict(scope))[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def describe_validation_errors(errors) -> str:

@@ -12,16 +12,16 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import OwnedDataset, OwnerDep, SessionDep, SettingsDep
 from api.schemas import ERRORS, MAX_OFFSET, DatasetDetail, DatasetList, DatasetSummary
 from api.services import datasets as service
-from api.services.uploads import receive_upload
+from api.services.uploads import MAX_NAME_CHARS, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["files"],
+    "type": "object", "required": ["files"], "additionalProperties": False,
     "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                   "description": "one zip, or images (PNG, JPEG, WebP) with .txt captions and/or a metadata.jsonl"},
-        "name": {"type": "string", "maxLength": 200},
+        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
     },
 }}}}}
 

@@ -21,7 +21,8 @@ from loraq.settings import Settings
 
 FILES_FIELD = "files"
 NAME_FIELD = "name"
-MAX_FIELD_BYTES = 1000  # the `name` field
+MAX_NAME_CHARS = 200  # the `name` field, as the OpenAPI schema documents it
+MAX_FIELD_BYTES = 1000  # ... and its bytes while it streams in
 MAX_HEADER_BYTES = 16 * 1024  # all headers of one part
 FLUSH_BYTES = 1 << 20  # buffered file data written in a worker thread past this
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -148,10 +149,13 @@ class _Receiver:
 
     def on_part_end(self) -> None:
         if self._field is not None:
-            name = _decode(bytes(self._field)).strip()
+            name = _decode(bytes(self._field))
+            if len(name) > MAX_NAME_CHARS:
+                raise Invalid(f"{NAME_FIELD}: longer than {MAX_NAME_CHARS} characters")
+            name = name.strip()
             if any(ord(char) < 32 or ord(char) == 127 for char in name):
                 raise Invalid(f"{NAME_FIELD}: control characters are not allowed")
-            self.upload.name = name[:200] or None
+            self.upload.name = name or None
 
     def on_end(self) -> None:
         self.ended = True

@@ -175,6 +175,8 @@ BAD_UPLOADS = {
     "file in other field": ([("images", "a.png", PNG)], 422, "files go in the form field 'files'"),
     "control character in name": ([("files", "a.png", PNG), ("name", None, b"a\x07b")], 422,
                                   "name: control characters are not allowed"),
+    "name over 200 characters": ([("files", "a.png", PNG), ("name", None, b"n" * 201)], 422,
+                                 "name: longer than 200 characters"),
     "one broken image": ([("files", "a.png", b"not a png")], 422, "a.png: not a readable image"),
 }
 

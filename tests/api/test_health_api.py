@@ -57,3 +57,12 @@ def test_healthz_counts_workers_by_their_heartbeat(client, settings):
     deadline = time.monotonic() + 10
     while client.get("/healthz").json()["workers"] != before:  # removed on stop, not left to expire
         assert time.monotonic() < deadline
+
+
+def test_wrong_method_lists_every_allowed_one(client):
+    for path, allowed in [("/v1/jobs", "GET, POST"), ("/v1/jobs/abc", "DELETE, GET"),
+                          ("/v1/datasets/abc", "DELETE, GET"), ("/healthz", "GET")]:
+        response = client.put(path)
+
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (path, response.headers)
+        assert response.json() == {"error": {"status": 405, "message": "Method Not Allowed"}}
