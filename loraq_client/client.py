@@ -322,7 +322,8 @@ class Client:
         if path.is_dir():
             with tempfile.TemporaryDirectory(prefix="loraq-upload-") as tmp:
                 archive = zip_folder(path, Path(tmp) / f"{path.resolve().name or 'dataset'}.zip")
-                return self._upload_file(archive, name or path.resolve().name, progress)
+                # A default name from the folder fits the server's 200-character limit.
+                return self._upload_file(archive, name or path.resolve().name[:200], progress)
         return self._upload_file(path, name, progress)
 
     def _upload_file(self, path: Path, name: str | None, progress) -> Dataset:
