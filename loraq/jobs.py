@@ -14,7 +14,7 @@ from loraq.models import Job, JobEvent, JobState, utcnow
 
 S = JobState
 ALLOWED: dict[JobState, set[JobState]] = {
-    S.queued: {S.running, S.canceled},
+    S.queued: {S.running, S.canceled, S.failed},  # failed: a message past the attempt cap
     S.running: {S.succeeded, S.failed, S.canceling, S.queued},  # queued: lease lost, new attempt
     S.canceling: {S.canceled, S.succeeded, S.failed, S.queued},
     S.failed: {S.queued},  # retry
@@ -36,12 +36,14 @@ def transition(
     attempt: int | None = None,
     new_attempt: int | None = None,
     event_data: dict | None = None,
+    where=None,
     **fields,
 ) -> JobEvent | None:
     """Move a job from one of `expected` to `new` if it is still there (and still `attempt`).
 
     `new_attempt` sets the attempt number (a retry or a requeue starts the next attempt; the
-    `attempt` keyword is the condition, so the new number cannot travel in `fields`).
+    `attempt` keyword is the condition, so the new number cannot travel in `fields`). `where`, a
+    SQL condition on the job row, narrows the match further (the reaper: "lease still expired").
     Returns the state event added to the session, or None when the job had moved on (a race
     lost cleanly). A change the state machine never allows raises TransitionRefused.
     """
@@ -63,6 +65,8 @@ def transition(
     query = update(Job).where(Job.id == job_id, Job.state.in_([s.value for s in expected]))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
+    if where is not None:
+        query = query.where(where)
     result = session.execute(query.values(state=new.value, **fields).returning(Job.state))
     if result.first() is None:
         return None

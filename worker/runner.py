@@ -81,6 +81,10 @@ def run_job(settings: Settings, job_id: str, attempt: int, *, worker: str | None
 
 
 def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, worker: str) -> Outcome:
+    with resources.sessions() as session:
+        attempt_base = session.scalar(select(Job.attempt_base).where(Job.id == job_id)) or 0
+    if attempt - attempt_base > settings.max_attempts:
+        return _refuse_over_cap(settings, resources, job_id, attempt)
     with resources.sessions.begin() as session:
         claimed = jobs.claim(session, job_id, attempt, worker, settings.lease_s)
     if claimed is None:
@@ -101,6 +105,20 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
             return Outcome.lost
     recorder.attempt_dir.mkdir(parents=True, exist_ok=True)
     return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path)).run()
+
+
+def _refuse_over_cap(settings: Settings, resources: Resources, job_id: str, attempt: int) -> Outcome:
+    """A message for an attempt past `max_attempts` never trains; a job still queued for it fails."""
+    message = f"attempt {attempt} is past the limit of {settings.max_attempts} attempts; not started"
+    with resources.sessions.begin() as session:
+        failed = jobs.transition(session, job_id, JobState.queued, JobState.failed, attempt=attempt, error=message,
+                                 event_data={"attempt": attempt})
+    if failed is None:
+        log.info("job.claim_rejected job=%s attempt=%s: past the attempt limit", job_id, attempt)
+        return Outcome.rejected
+    events.publish(resources.redis, [failed])
+    log.warning("job.failed job=%s attempt=%s: %s", job_id, attempt, message)
+    return Outcome.failed
 
 
 class Supervisor:

@@ -264,8 +264,9 @@ def retry_job(session: Session, redis, celery: Celery, job: Job) -> Job:
     if state not in (JobState.failed, JobState.canceled):
         raise Conflict(f"job {job.id} is {state.value}; only failed or canceled jobs can be retried")
     attempt = job.attempt + 1
+    # A user's retry starts a new series of attempts: the automatic cap counts from here.
     event = transition(session, job.id, state, JobState.queued, attempt=job.attempt, new_attempt=attempt,
-                       error=None, worker=None, started_at=None,
+                       attempt_base=job.attempt, error=None, worker=None, started_at=None,
                        event_data={"previous": state.value, "attempt": attempt})
     if event is None:
         session.rollback()
