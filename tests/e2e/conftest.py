@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,6 +40,14 @@ class Service:
     api: subprocess.Popen
     worker: subprocess.Popen
     logs: Path
+    env: dict = field(default_factory=dict)
+    workers: list = field(default_factory=list)  # every worker started, the first included
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        """One more `python -m worker` on the same settings, logging to `<name>.log`."""
+        process = start_worker(self.env, self.logs, name)
+        self.workers.append(process)
+        return process
 
     def wait_for(self, job_id: str, states: set[str], timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
@@ -54,6 +62,11 @@ class Service:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
 
 
+def start_worker(env: dict, logs: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
+                            stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -65,36 +78,46 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def service(settings, tmp_path):
-    """The API on a free port and one worker; both stopped after the test."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = service_env(settings)
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=ROOT, env=env,
-        stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
-    )
-    worker = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
-                              stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=30)
-    running = Service(url, client, api, worker, logs)
-    try:
+def start_service(tmp_path):
+    """start_service(settings) -> the API on a free port and one worker (`worker-1.log`), up and
+    answering; everything it started is stopped after the test."""
+    started: list[Service] = []
+
+    def start(settings) -> Service:
+        logs = tmp_path / f"logs-{len(started)}"
+        logs.mkdir()
+        env = service_env(settings)
+        port = free_port()
+        api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=ROOT, env=env,
+            stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        worker = start_worker(env, logs, "worker-1")
+        url = f"http://127.0.0.1:{port}"
+        running = Service(url, httpx.Client(base_url=url, timeout=30), api, worker, logs, env, [worker])
+        started.append(running)
         deadline = time.monotonic() + 90
         while True:
             try:
-                health = client.get("/healthz")
+                health = running.client.get("/healthz")
                 if health.status_code == 200 and health.json().get("workers", 0) >= 1:
-                    break
+                    return running
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline or api.poll() is not None or worker.poll() is not None:
                 raise AssertionError(f"service did not come up:\n{running.tail()}")
             time.sleep(0.3)
-        yield running
-    finally:
-        client.close()
-        stop(worker)
-        stop(api)
+
+    yield start
+    for running in started:
+        running.client.close()
+        for process in running.workers:
+            stop(process)
+        stop(running.api)
+
+
+@pytest.fixture
+def service(settings, start_service) -> Service:
+    """The API and one worker on the test's settings."""
+    return start_service(settings)

@@ -7,12 +7,10 @@ import importlib.util
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from trainer.model import LORA_WEIGHTS_NAME
@@ -27,54 +25,16 @@ def _load(name: str, path: Path):
 
 
 HERE = Path(__file__).resolve().parent
-_e2e = _load("loraq_e2e_conftest_crash", HERE / "conftest.py")
 _flows = _load("loraq_e2e_service_flows", HERE / "test_service.py")
-ROOT = _e2e.ROOT
 
 LEASE_S = 3.0
 HEARTBEAT_S = 0.5
 
 
-def start_worker(env: dict, logs: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
-                            stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
-
-
 @pytest.fixture
-def short_lease(settings, tmp_path):
+def short_lease(settings, start_service):
     """The API and one worker on a 3 s lease (the reaper then runs every second)."""
-    settings = settings.model_copy(update={"lease_s": LEASE_S, "heartbeat_s": HEARTBEAT_S})
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = _e2e.service_env(settings)
-    port = _e2e.free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=ROOT, env=env, stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT)
-    worker = start_worker(env, logs, "worker-1")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    running = _e2e.Service(f"http://127.0.0.1:{port}", client, api, worker, logs)
-    running.env = env
-    started = [worker]
-    running.start_worker = lambda name: started.append(start_worker(env, logs, name)) or started[-1]
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                health = client.get("/healthz")
-                if health.status_code == 200 and health.json().get("workers", 0) >= 1:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or api.poll() is not None or worker.poll() is not None:
-                raise AssertionError(f"service did not come up:\n{running.tail()}")
-            time.sleep(0.3)
-        yield running
-    finally:
-        client.close()
-        for process in started:
-            _e2e.stop(process)
-        _e2e.stop(api)
+    return start_service(settings.model_copy(update={"lease_s": LEASE_S, "heartbeat_s": HEARTBEAT_S}))
 
 
 def child_pid(logs: Path, job_id: str, attempt: int) -> int:

@@ -18,7 +18,8 @@ _e2e = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _e2e  # dataclasses look their module up
 _spec.loader.exec_module(_e2e)
 
-service = _e2e.service  # the fixture itself, unchanged
+service = _e2e.service  # the fixtures themselves, unchanged
+start_service = _e2e.start_service
 
 TINY = ["--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]
