@@ -20,4 +20,4 @@ RUN pip install .
 VOLUME /data
 EXPOSE 8000
 # Migrate, then serve; the worker service overrides the command with `python -m worker`.
-CMD ["sh", "-c", "python -m loraq.migrate && python -m trainer tiny-model /data/models/tiny-sd >/dev/null && uvicorn api.main:create_app --factory --host 0.0.0.0 --port 8000"]
+CMD ["sh", "-c", "python -m loraq.migrate && python -m trainer tiny-model /data/models/tiny-sd >/dev/null && uvicorn api.main:create_app --factory --host 0.0.0.0 --port 8000 --timeout-graceful-shutdown 5"]

@@ -106,7 +106,9 @@ def main() -> int:
         processes.append(("redis", redis_process))
     archive = ensure_demo_files(settings)
     processes.append(("api", start([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-                                    "--host", settings.host, "--port", str(settings.port)], "api")))
+                                    "--host", settings.host, "--port", str(settings.port),
+                                    # open event streams would otherwise hold a shutdown until their job ends
+                                    "--timeout-graceful-shutdown", "5"], "api")))
     processes.append(("worker", start([sys.executable, "-m", "worker"], "worker")))
     url = f"http://{settings.host}:{settings.port}"
     print(

@@ -15,6 +15,9 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# As deployed (Dockerfile, loraq.launcher): a SIGTERM ends open event streams after 5 s instead of
+# waiting for their jobs to finish.
+API_FLAGS = ["--timeout-graceful-shutdown", "5"]
 
 
 def free_port() -> int:
@@ -90,7 +93,7 @@ def start_service(tmp_path):
         port = free_port()
         api = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=ROOT, env=env,
+             "--port", str(port), *API_FLAGS], cwd=ROOT, env=env,
             stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
         )
         worker = start_worker(env, logs, "worker-1")
