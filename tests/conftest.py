@@ -94,3 +94,26 @@ def settings(backend, request, tmp_path, tiny_model):
         request.addfinalizer(drop)
     return Settings(data_dir=data_dir, database_url=database_url, redis_url=REDIS_URL,
                     queue_name=f"train-test-{uuid.uuid4().hex[:8]}", lease_s=30, heartbeat_s=1)
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    """start_service(settings) -> the API on a free port and one worker (`worker-1.log`), up and
+    answering; everything it started is stopped after the test."""
+    from support.service import launch, shut_down
+
+    started = []
+
+    def start(settings):
+        started.append(launch(settings, tmp_path / f"logs-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for running in started:
+        shut_down(running)
+
+
+@pytest.fixture
+def service(settings, start_service):
+    """The API and one worker on the test's settings."""
+    return start_service(settings)

@@ -3,11 +3,9 @@ the job as attempt 2, which resumes from the newest checkpoint and finishes the 
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -16,16 +14,7 @@ import pytest
 from trainer.model import LORA_WEIGHTS_NAME
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-HERE = Path(__file__).resolve().parent
-_flows = _load("loraq_e2e_service_flows", HERE / "test_service.py")
+from support.service import FINAL, read_sse, submit, upload
 
 LEASE_S = 3.0
 HEARTBEAT_S = 0.5
@@ -56,8 +45,8 @@ def test_worker_sigkill_after_a_checkpoint_resumes_as_attempt_two(short_lease, t
     service = short_lease
     total = 60
     kill_at = random.randint(7, 30)  # after checkpoint-5; the assertion messages name it
-    dataset_id = _flows.upload(service, tmp_path)
-    job = _flows.submit(service, dataset_id, max_train_steps=total, checkpointing_steps=5, train_batch_size=1)
+    dataset_id = upload(service, tmp_path)
+    job = submit(service, dataset_id, max_train_steps=total, checkpointing_steps=5, train_batch_size=1)
 
     deadline = time.monotonic() + 120
     while (current := service.client.get(f"/v1/jobs/{job['id']}").json())["step"] < kill_at:
@@ -79,7 +68,7 @@ def test_worker_sigkill_after_a_checkpoint_resumes_as_attempt_two(short_lease, t
     assert service.client.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
 
     service.start_worker("worker-2")
-    done = service.wait_for(job["id"], _flows.FINAL, timeout=180)
+    done = service.wait_for(job["id"], FINAL, timeout=180)
 
     context = f"killed at step {killed_at} (asked {kill_at})\n{service.tail()}"
     outcome = (done["state"], done["attempt"], done["step"], done["total_steps"])
@@ -90,7 +79,7 @@ def test_worker_sigkill_after_a_checkpoint_resumes_as_attempt_two(short_lease, t
     metrics = service.client.get(f"/v1/jobs/{job['id']}/metrics").json()
     assert [m["step"] for m in metrics] == list(range(1, total + 1)), "one loss per step, no gap, no repeat"
 
-    events = _flows.read_sse(service.client, f"/v1/jobs/{job['id']}/events")
+    events = read_sse(service.client, f"/v1/jobs/{job['id']}/events")
     assert [e["id"] for e in events] == list(range(1, len(events) + 1))
     states = [e["data"] for e in events if e["event"] == "state"]
     assert [s["state"] for s in states] == ["queued", "running", "queued", "running", "succeeded"], context

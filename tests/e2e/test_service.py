@@ -3,61 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import time
-import zipfile
 
-import httpx
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from trainer.sample_data import write_sample_dataset
-
-FINAL = {"succeeded", "failed", "canceled"}
-
-
-def dataset_zip(tmp_path, n_images=4) -> bytes:
-    folder = write_sample_dataset(tmp_path / "upload", n_images=n_images, size=32)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for path in sorted(folder.iterdir()):
-            zf.write(path, path.name)
-    return buffer.getvalue()
-
-
-def upload(service, tmp_path) -> str:
-    response = service.client.post("/v1/datasets", files={"files": ("pets.zip", dataset_zip(tmp_path),
-                                                                    "application/zip")})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def submit(service, dataset_id: str, **options) -> dict:
-    body = {"dataset_id": dataset_id, "base_model": "tiny-sd",
-            "options": {"resolution": 32, "train_batch_size": 2, "seed": 0, **options}}
-    response = service.client.post("/v1/jobs", json=body)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def read_sse(client: httpx.Client, path: str, timeout: float = 180) -> list[dict]:
-    """Read a Server-Sent Events stream until the server closes it."""
-    events, current = [], {}
-    with client.stream("GET", path, timeout=timeout) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if not line:
-                if "data" in current:
-                    events.append({"id": int(current["id"]), "event": current.get("event"),
-                                   "data": json.loads(current["data"]), "received": time.monotonic()})
-                current = {}
-            elif not line.startswith(":"):
-                key, _, value = line.partition(":")
-                current[key] = value.lstrip(" ")
-    return events
+from support.service import FINAL, read_sse, submit, upload
 
 
 def test_upload_train_stream_and_download(service, settings, tmp_path):

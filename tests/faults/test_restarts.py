@@ -3,7 +3,6 @@ only the queue and a wake-up, so the training never stops and no event is lost o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,28 +13,15 @@ import httpx
 import pytest
 import redis as redis_lib
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.service import API_FLAGS, FINAL, ROOT, free_port, read_sse, stop, submit, upload
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-_e2e = sys.modules.get("loraq_faults_e2e_conftest") or _load("loraq_faults_e2e_conftest",
-                                                               ROOT / "tests" / "e2e" / "conftest.py")
-_flows = _load("loraq_faults_service_flows", ROOT / "tests" / "e2e" / "test_service.py")
-upload, submit, read_sse, FINAL = _flows.upload, _flows.submit, _flows.read_sse, _flows.FINAL
 
 
 class PrivateRedis:
     """A redis-server of this test's own, with an append-only file so the queue survives a restart."""
 
     def __init__(self, folder: Path):
-        self.port = _e2e.free_port()
+        self.port = free_port()
         self.folder = folder
         self.folder.mkdir()
         self.process: subprocess.Popen | None = None
@@ -63,7 +49,7 @@ class PrivateRedis:
 
     def stop(self) -> None:
         if self.process is not None:
-            _e2e.stop(self.process)
+            stop(self.process)
 
 
 @pytest.fixture
@@ -156,7 +142,7 @@ def start_api(service) -> subprocess.Popen:
     port = service.url.rsplit(":", 1)[1]
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", port, *_e2e.API_FLAGS], cwd=ROOT, env=service.env,
+         "--port", port, *API_FLAGS], cwd=ROOT, env=service.env,
         stdout=open(service.logs / "api-2.log", "wb"), stderr=subprocess.STDOUT)
 
 

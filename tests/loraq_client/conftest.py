@@ -1,9 +1,7 @@
-"""The real service of tests/e2e (uvicorn API + Celery worker), re-exported for the client's tests,
-plus helpers that run the real `loraq` command."""
+"""Helpers that run the real `loraq` command against the `service` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,14 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("loraq_e2e_conftest", ROOT / "tests" / "e2e" / "conftest.py")
-_e2e = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _e2e  # dataclasses look their module up
-_spec.loader.exec_module(_e2e)
-
-service = _e2e.service  # the fixtures themselves, unchanged
-start_service = _e2e.start_service
-
 TINY = ["--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]
 
