@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api.routes import artifacts, datasets, events, health, jobs, models
+from api.routes import pages
 from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError
 from loraq.queue import make_celery
@@ -51,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (datasets, jobs, events, artifacts, models):
         app.include_router(module.router, prefix="/v1")
     app.include_router(health.router)
+    app.include_router(pages.router)
+    pages.mount_static(app)
     return app
 
 

@@ -1,0 +1,54 @@
+// Pieces the pages share: job actions, dataset names, error notices.
+
+import {getAll, isAbort, post} from '../api.js';
+import {h, toast} from '../dom.js';
+
+export const FINAL_STATES = new Set(['succeeded', 'failed', 'canceled']);
+export const STATES = ['queued', 'running', 'canceling', 'succeeded', 'failed', 'canceled'];
+
+export function canCancel(job) {
+  return job.state === 'queued' || job.state === 'running';
+}
+
+export function canRetry(job) {
+  return job.state === 'failed' || job.state === 'canceled';
+}
+
+/** POST cancel or retry; resolves to the job as the server now has it (or null on failure). */
+export async function jobAction(job, action) {
+  try {
+    const updated = await post(`/v1/jobs/${encodeURIComponent(job.id)}/${action}`);
+    toast(action === 'cancel' ? `Cancel requested: ${jobTitle(updated)} is ${updated.state}` : `${jobTitle(updated)} queued again`);
+    return updated;
+  } catch (error) {
+    if (!isAbort(error)) toast(`Could not ${action}: ${error.message}`, 'error');
+    return null;
+  }
+}
+
+export function jobTitle(job) {
+  return job.name || `Job ${job.id.slice(0, 8)}`;
+}
+
+/** Map of dataset id -> name, loaded once per page and again when an unknown id turns up. */
+export function datasetNames(signal) {
+  let names = new Map();
+  let loading = null;
+  return {
+    name: (id) => names.get(id),
+    async ensure(ids) {
+      if (ids.every((id) => names.has(id)) || loading) return loading;
+      loading = getAll('/v1/datasets', {signal})
+        .then((items) => { names = new Map(items.map((d) => [d.id, d.name])); })
+        .catch(() => {})
+        .finally(() => { loading = null; });
+      return loading;
+    },
+  };
+}
+
+/** A notice for an error a page could not recover from (aborts, from leaving the page, are silent). */
+export function errorNotice(error) {
+  if (isAbort(error)) return null;
+  return h('p', {class: 'notice error', role: 'alert', text: error.message || String(error)});
+}

@@ -1,0 +1,176 @@
+// Jobs: every job with its state, progress, last loss, ETA, base model, dataset and age,
+// polled every 2 s (rows update in place), filtered by state, with cancel and retry.
+
+import {get, isAbort} from '../api.js';
+import {h, progressBar, replace} from '../dom.js';
+import * as fmt from '../format.js';
+import {STATES, canCancel, canRetry, datasetNames, errorNotice, jobAction, jobTitle} from './common.js';
+
+const POLL_MS = 2000;
+const PAGE = 50;
+
+export function jobsPage(main, ctx) {
+  const state = STATES.includes(ctx.query.get('state')) ? ctx.query.get('state') : '';
+  let limit = PAGE;
+  const rows = new Map(); // job id -> row
+  const rates = new Map(); // job id -> steps per second, measured between polls
+  const names = datasetNames(ctx.signal);
+
+  const body = h('tbody');
+  const table = h('table', {class: 'jobs-table'},
+    h('thead', {}, h('tr', {}, ['Job', 'State', 'Progress', 'Last loss', 'ETA', 'Base model', 'Dataset', 'Age', '']
+      .map((label) => h('th', {scope: 'col', text: label})))), body);
+  const empty = h('p', {class: 'empty', hidden: true});
+  const footer = h('div', {class: 'list-footer'});
+  const problem = h('div');
+
+  main.append(
+    h('div', {class: 'page-head'}, h('h1', {text: 'Jobs'}), h('a', {class: 'button primary', href: '/jobs/new', text: 'New job'})),
+    filters(state),
+    problem,
+    h('div', {class: 'table-wrap'}, table),
+    empty,
+    footer,
+  );
+
+  let timer = null;
+  let stopped = false;
+  ctx.onLeave(() => {
+    stopped = true;
+    clearTimeout(timer);
+  });
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const query = new URLSearchParams({limit: String(limit)});
+      if (state) query.set('state', state);
+      const page = await get(`/v1/jobs?${query}`, {signal: ctx.signal});
+      await names.ensure(page.items.map((job) => job.dataset_id));
+      show(page);
+      problem.replaceChildren();
+    } catch (error) {
+      if (isAbort(error)) return;
+      replace(problem, errorNotice(error));
+    }
+    if (!stopped) timer = setTimeout(refresh, POLL_MS);
+  }
+
+  function show(page) {
+    const now = Date.now();
+    const seen = new Set();
+    page.items.forEach((job, index) => {
+      seen.add(job.id);
+      let row = rows.get(job.id);
+      if (!row) {
+        row = jobRow(job, () => refresh());
+        rows.set(job.id, row);
+      }
+      measureRate(rates, job, now);
+      row.update(job, {eta: eta(job, rates.get(job.id)?.rate, now), dataset: names.name(job.dataset_id), now});
+      if (body.children[index] !== row) body.insertBefore(row, body.children[index] ?? null);
+    });
+    for (const [id, row] of rows) {
+      if (!seen.has(id)) {
+        row.remove();
+        rows.delete(id);
+      }
+    }
+    empty.hidden = page.total > 0;
+    empty.textContent = state ? `No ${state} jobs.` : 'No jobs yet. Start one with New job.';
+    table.hidden = page.total === 0;
+    replace(footer, 
+      h('span', {class: 'muted', text: `${page.items.length} of ${page.total} jobs · updated ${new Date().toLocaleTimeString()}`}),
+      page.total > page.items.length && limit < 200
+        ? h('button', {type: 'button', text: 'Show more', onclick: () => { limit = Math.min(limit + PAGE, 200); refresh(); }})
+        : null,
+    );
+  }
+
+  refresh();
+}
+
+function filters(current) {
+  const link = (value, label) => h('a', {
+    href: value ? `/jobs?state=${value}` : '/jobs', class: `chip${value === current ? ' active' : ''}`,
+    'aria-current': value === current ? 'page' : null, text: label,
+  });
+  return h('nav', {class: 'filters', 'aria-label': 'Filter by state'},
+    link('', 'All'), STATES.map((value) => link(value, value[0].toUpperCase() + value.slice(1))));
+}
+
+/** A table row that updates in place, so a button keeps its place between polls. */
+function jobRow(job, changed) {
+  const title = h('a', {class: 'job-title', href: `/jobs/${job.id}`});
+  const sub = h('span', {class: 'muted small mono', text: fmt.shortId(job.id)});
+  const badge = h('span');
+  const extra = h('span', {class: 'muted small'});
+  const bar = progressBar();
+  const cells = {loss: h('td', {class: 'num', dataset: {label: 'Last loss'}}), eta: h('td', {dataset: {label: 'ETA'}}),
+    model: h('td', {dataset: {label: 'Base model'}}), dataset: h('td', {dataset: {label: 'Dataset'}}),
+    age: h('td', {dataset: {label: 'Age'}})};
+  const cancel = h('button', {type: 'button', class: 'small', text: 'Cancel'});
+  const retry = h('button', {type: 'button', class: 'small', text: 'Retry'});
+  let current = job;
+  const act = (action, button) => async () => {
+    button.disabled = true;
+    const updated = await jobAction(current, action);
+    button.disabled = false;
+    if (updated) changed();
+  };
+  cancel.addEventListener('click', act('cancel', cancel));
+  retry.addEventListener('click', act('retry', retry));
+
+  const row = h('tr', {dataset: {jobId: job.id}},
+    h('td', {class: 'job-cell', dataset: {label: 'Job'}}, title, sub),
+    h('td', {dataset: {label: 'State'}}, badge, extra),
+    h('td', {class: 'progress-cell', dataset: {label: 'Progress'}}, bar),
+    cells.loss, cells.eta, cells.model, cells.dataset, cells.age,
+    h('td', {class: 'row-actions'}, cancel, retry));
+
+  row.update = (next, {eta: etaSeconds, dataset, now}) => {
+    current = next;
+    row.dataset.state = next.state;
+    title.textContent = jobTitle(next);
+    badge.className = `badge state-${next.state}`;
+    badge.textContent = next.state;
+    extra.textContent = next.queue_position ? ` #${next.queue_position} in queue` : next.attempt > 1 ? ` attempt ${next.attempt}` : '';
+    bar.set(next.step, next.total_steps, `${next.step} / ${next.total_steps}`, next.state);
+    cells.loss.textContent = fmt.number(next.last_loss);
+    cells.eta.textContent = next.state === 'running' ? fmt.duration(etaSeconds) : '—';
+    cells.model.textContent = next.base_model;
+    cells.dataset.textContent = dataset || fmt.shortId(next.dataset_id);
+    cells.dataset.title = next.dataset_id;
+    cells.age.textContent = fmt.age(next.queued_at, now);
+    cells.age.title = fmt.dateTime(next.queued_at);
+    cancel.hidden = !canCancel(next);
+    retry.hidden = !canRetry(next);
+  };
+  return row;
+}
+
+/** Steps per second from the change between two polls, smoothed. */
+function measureRate(rates, job, now) {
+  const before = rates.get(job.id);
+  if (job.state !== 'running') {
+    rates.delete(job.id);
+    return;
+  }
+  if (!before || job.step < before.step) {
+    rates.set(job.id, {step: job.step, time: now, rate: before?.rate ?? null});
+    return;
+  }
+  if (job.step === before.step) return;
+  const measured = (job.step - before.step) / ((now - before.time) / 1000);
+  const rate = before.rate ? 0.7 * before.rate + 0.3 * measured : measured;
+  rates.set(job.id, {step: job.step, time: now, rate});
+}
+
+/** Seconds left: from the measured rate, else from the average since the job started. */
+function eta(job, rate, now) {
+  const left = job.total_steps - job.step;
+  if (left <= 0) return 0;
+  if (rate) return left / rate;
+  if (job.started_at && job.step > 0) return left * ((now - Date.parse(job.started_at)) / 1000 / job.step);
+  return null;
+}

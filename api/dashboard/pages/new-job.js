@@ -1,0 +1,144 @@
+// New job: a dataset (chosen or uploaded), a base model from GET /v1/models, a preset, every
+// training option, and the server's messages shown next to the fields they name.
+
+import {ApiError, get, getAll, isAbort, post} from '../api.js';
+import {h, replace} from '../dom.js';
+import * as fmt from '../format.js';
+import {PRESETS, optionsForm, splitMessage} from '../options-form.js';
+import {errorNotice} from './common.js';
+import {uploadBox} from './upload.js';
+
+export async function newJobPage(main, ctx) {
+  main.append(h('div', {class: 'page-head'}, h('h1', {text: 'New job'})));
+  let schema;
+  let models;
+  let datasets;
+  try {
+    [schema, models, datasets] = await Promise.all([
+      fetch('/dashboard/options.json', {signal: ctx.signal}).then((r) => r.json()),
+      get('/v1/models', {signal: ctx.signal}),
+      getAll('/v1/datasets', {signal: ctx.signal}),
+    ]);
+  } catch (error) {
+    main.append(errorNotice(error) ?? '');
+    return;
+  }
+  const form = jobForm(schema, models, datasets, ctx);
+  main.append(form);
+}
+
+function jobForm(schema, models, datasets, ctx) {
+  const options = optionsForm(schema);
+  const general = h('div', {class: 'form-errors', role: 'alert'});
+  const slot = (name) => h('p', {class: 'field-error', id: `err-${name}`});
+  const errors = {dataset_id: slot('dataset_id'), base_model: slot('base_model'), name: slot('name')};
+
+  const datasetSelect = h('select', {id: 'dataset', name: 'dataset_id', 'aria-describedby': 'err-dataset_id'});
+  const fillDatasets = (selected) => {
+    replace(datasetSelect, h('option', {value: '', text: datasets.length ? 'Choose a dataset…' : 'No datasets yet: upload one below'}),
+      datasets.map((d) => h('option', {value: d.id, text: `${d.name} · ${d.image_count} images · ${fmt.age(d.created_at)}`})));
+    datasetSelect.value = selected ?? '';
+  };
+  fillDatasets(ctx.query.get('dataset'));
+  const upload = uploadBox((dataset) => {
+    datasets = [dataset, ...datasets.filter((d) => d.id !== dataset.id)];
+    fillDatasets(dataset.id);
+    errors.dataset_id.textContent = '';
+  });
+
+  const modelSelect = h('select', {id: 'base-model', name: 'base_model', 'aria-describedby': 'err-base_model'},
+    models.map((m) => h('option', {value: m.name, text: `${m.name}${m.available ? '' : ' (not on this machine)'}`})));
+  const nameInput = h('input', {id: 'job-name', name: 'name', type: 'text', maxlength: '200', autocomplete: 'off',
+    placeholder: 'optional', 'aria-describedby': 'err-name'});
+
+  const presetNote = h('p', {class: 'hint', id: 'preset-note'});
+  const presetButtons = PRESETS.map((preset) => h('button', {type: 'button', class: 'chip', dataset: {preset: preset.id},
+    text: preset.label, onclick: () => applyPreset(preset)}));
+  const advanced = h('details', {class: 'advanced', id: 'advanced'},
+    h('summary', {text: 'Advanced: every training option'}), options.element);
+  const submit = h('button', {type: 'submit', class: 'primary', id: 'submit-job', text: 'Start training'});
+  let idempotencyKey = newKey();
+
+  function applyPreset(preset) {
+    options.apply(preset.values(modelSelect.value));
+    for (const button of presetButtons) button.classList.toggle('active', button === presetButtons[PRESETS.indexOf(preset)]);
+    const values = options.values();
+    presetNote.textContent = `${preset.label}: ${preset.note}. ` + ['resolution', 'max_train_steps', 'rank', 'learning_rate']
+      .filter((key) => key in values).map((key) => `${key.replaceAll('_', ' ')} ${values[key]}`).join(', ');
+  }
+
+  function clearErrors() {
+    general.replaceChildren();
+    Object.values(errors).forEach((slotElement) => { slotElement.textContent = ''; });
+    options.clearErrors();
+  }
+
+  function showErrors(error) {
+    const isField = (name) => name in errors || options.fields.has(name);
+    const {fields, rest} = splitMessage(error.message, isField);
+    if (error.status === 404 && /^dataset /.test(error.message)) fields.set('dataset_id', error.message);
+    else if (error.status === 404) rest.push(error.message);
+    let first = null;
+    for (const [name, text] of fields) {
+      if (name in errors) {
+        errors[name].textContent = text;
+        first ??= errors[name].previousElementSibling;
+      } else {
+        const field = options.fields.get(name);
+        field.showError(text);
+        advanced.open = true;
+        first ??= field.input;
+      }
+    }
+    if (rest.length || !fields.size) {
+      replace(general, h('p', {class: 'notice error', text: rest.length ? rest.join('; ') : error.message}));
+    }
+    (first ?? general).scrollIntoView?.({block: 'center'});
+    first?.focus?.({preventScroll: true});
+  }
+
+  async function onSubmit(event) {
+    event.preventDefault();
+    clearErrors();
+    const body = {dataset_id: datasetSelect.value, base_model: modelSelect.value, options: options.values()};
+    if (nameInput.value.trim()) body.name = nameInput.value.trim();
+    if (!body.dataset_id) {
+      errors.dataset_id.textContent = 'Choose a dataset or upload one.';
+      datasetSelect.focus();
+      return;
+    }
+    submit.disabled = true;
+    submit.textContent = 'Submitting…';
+    try {
+      const job = await post('/v1/jobs', body, {signal: ctx.signal, headers: {'Idempotency-Key': idempotencyKey}});
+      idempotencyKey = newKey();
+      ctx.navigate(`/jobs/${job.id}`);
+    } catch (error) {
+      if (isAbort(error)) return;
+      if (error instanceof ApiError) showErrors(error);
+      else replace(general, errorNotice(error));
+    } finally {
+      submit.disabled = false;
+      submit.textContent = 'Start training';
+    }
+  }
+
+  return h('form', {class: 'job-form', id: 'job-form', novalidate: true, onsubmit: onSubmit},
+    general,
+    h('section', {class: 'card'}, h('h2', {text: '1. Dataset'}),
+      h('div', {class: 'field'}, h('label', {for: 'dataset', text: 'Use a dataset'}), datasetSelect, errors.dataset_id),
+      h('p', {class: 'or', text: 'or upload a new one'}), upload),
+    h('section', {class: 'card'}, h('h2', {text: '2. Model'}),
+      h('div', {class: 'row-2'},
+        h('div', {class: 'field'}, h('label', {for: 'base-model', text: 'Base model'}), modelSelect, errors.base_model),
+        h('div', {class: 'field'}, h('label', {for: 'job-name', text: 'Job name'}), nameInput, errors.name))),
+    h('section', {class: 'card'}, h('h2', {text: '3. Training'}),
+      h('div', {class: 'chips', role: 'group', 'aria-label': 'Presets'}, presetButtons), presetNote, advanced),
+    h('div', {class: 'submit-bar'}, submit));
+}
+
+/** A random Idempotency-Key: a double click or a resent request makes one job, not two. */
+function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `dash-${[...bytes].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
