@@ -1,8 +1,8 @@
-"""Typed dependencies: the request's session, settings and clients, and owned resources by id.
+"""Typed dependencies: the request's session, settings and clients, its principal (from the
+bearer key), and owned resources by id.
 
 A resource is loaded and scoped to its owner once, here; routes never re-check it by hand.
-Every request belongs to the owner "local" until authentication arrives: then `get_owner`
-is the one function that changes.
+Another owner's resource is a 404, exactly as if it did not exist; admins see every owner's.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import Annotated
 import redis
 from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy import select
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select, true
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraq.errors import NotFound
+from loraq.auth import Principal, authenticate
+from loraq.errors import Forbidden, NotFound, Unauthorized
 from loraq.models import Dataset, Job
 from loraq.settings import Settings
 
-LOCAL_OWNER = "local"
 _ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ids are uuid4 hex; anything else cannot exist
 
 
@@ -46,10 +47,6 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_owner() -> str:
-    return LOCAL_OWNER
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # Closed when the route returns, not after the response is sent: a streamed download or event
 # stream must not hold a pooled connection (and an open transaction) for its whole length.
@@ -57,33 +54,62 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
-OwnerDep = Annotated[str, Depends(get_owner)]
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer lq_...`")
 
 
-def load_job(session: Session, owner: str, job_id: str) -> Job:
-    job = None
-    if _ID.fullmatch(job_id):
-        job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
-    return job
+def get_principal(session: SessionDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """The key's principal; 401 for a missing, malformed, unknown or revoked key."""
+    if credentials is None:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>` "
+                           "(the first admin key is in the server's data folder, file admin-key)")
+    principal = authenticate(session, credentials.credentials)
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key")
+    return principal
 
 
-def load_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
-    dataset = None
-    if _ID.fullmatch(dataset_id):
-        dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id} not found")
-    return dataset
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_owned_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
-    return load_job(session, owner, job_id)
+def require_admin(principal: PrincipalDep) -> Principal:
+    if not principal.admin:
+        raise Forbidden("this route needs an admin key")
+    return principal
 
 
-def get_owned_dataset(dataset_id: str, session: SessionDep, owner: OwnerDep) -> Dataset:
-    return load_dataset(session, owner, dataset_id)
+AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def visible(model, principal: Principal):
+    """The WHERE clause limiting `model` (Job or Dataset) rows to what `principal` may see."""
+    return true() if principal.admin else model.owner == principal.owner
+
+
+def _load(session: Session, principal: Principal, model, what: str, item_id: str):
+    row = None
+    if _ID.fullmatch(item_id):
+        row = session.scalar(select(model).where(model.id == item_id, visible(model, principal)))
+    if row is None:
+        raise NotFound(f"{what} {item_id} not found")
+    return row
+
+
+def load_job(session: Session, principal: Principal, job_id: str) -> Job:
+    return _load(session, principal, Job, "job", job_id)
+
+
+def load_dataset(session: Session, principal: Principal, dataset_id: str) -> Dataset:
+    return _load(session, principal, Dataset, "dataset", dataset_id)
+
+
+def get_owned_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job:
+    return load_job(session, principal, job_id)
+
+
+def get_owned_dataset(dataset_id: str, session: SessionDep, principal: PrincipalDep) -> Dataset:
+    return load_dataset(session, principal, dataset_id)
 
 
 OwnedJob = Annotated[Job, Depends(get_owned_job)]

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from api.routes import artifacts, datasets, events, health, jobs, models
-from api.routes import pages
+from api.deps import get_principal
+from api.routes import artifacts, datasets, events, health, jobs, keys, models
+from api.schemas import AUTH_ERRORS
+from loraq.auth import admin_key_path, ensure_admin_key
 from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError
 from loraq.queue import make_celery
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                                socket_timeout=10, health_check_interval=30)
         app.state.celery = make_celery(settings)
+        announce_admin_key(settings, ensure_admin_key(settings, app.state.session_factory))
         try:
             yield
         finally:
@@ -49,12 +52,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    for module in (datasets, jobs, events, artifacts, models):
-        app.include_router(module.router, prefix="/v1")
+    for module in (datasets, jobs, events, artifacts, models, keys):
+        app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_principal)],
+                           responses=AUTH_ERRORS)
     app.include_router(health.router)
-    app.include_router(pages.router)
-    pages.mount_static(app)
     return app
+
+
+def announce_admin_key(settings: Settings, secret: str | None) -> None:
+    """Print the first admin key once, the moment it is created (it is also in the key file)."""
+    if secret is None:
+        return
+    path = admin_key_path(settings)
+    print(f"loraq: created the first admin API key; it is saved in {path} (mode 0600):\n  {secret}",
+          flush=True)
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -63,7 +74,7 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 
 async def _app_error(request: Request, error: AppError) -> JSONResponse:
-    return error_response(error.status, error.message)
+    return error_response(error.status, error.message, error.headers)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

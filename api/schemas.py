@@ -33,7 +33,9 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 409, 413, 415, 422)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 409, 413, 415, 422, 429)}
+# Every /v1 route may answer these: a missing, unknown or revoked key, or an admin route.
+AUTH_ERRORS = {status: {"model": ErrorBody} for status in (401, 403)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +174,41 @@ class ModelOut(BaseModel):
     source: str = Field(description="hub id or local folder the trainer loads")
     available: bool = Field(description="present on this machine (local folder or hub cache)")
 
+
+
+# --------------------------------------------------------------------------------------------
+# API keys
+
+
+class WhoAmI(BaseModel):
+    owner: str
+    admin: bool
+    key_id: str
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+                       description="who the key acts for: lowercase letters, digits, '_', '.', '-'")
+    name: str | None = Field(default=None, max_length=200, pattern=NO_CONTROL_CHARS,
+                             description="a note to tell keys apart, e.g. 'laptop'")
+    admin: bool = False
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    owner: str
+    name: str | None
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    admin: bool
+    created_at: UtcDatetime
+    last_used_at: UtcDatetime | None
+    revoked_at: UtcDatetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="the secret: shown once, only its hash is stored")
 
 
 class Health(BaseModel):

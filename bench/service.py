@@ -79,12 +79,12 @@ def follow_events(client: httpx.Client, job_id: str, latencies: list[float]) -> 
                     latencies.append(time.time() - float(data["time"]))
 
 
-async def load_jobs_list(url: str, clients: int, seconds: float) -> tuple[int, list[float], int]:
+async def load_jobs_list(url: str, headers: dict, clients: int, seconds: float) -> tuple[int, list[float], int]:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
         async def one_client():
             nonlocal errors
             while time.perf_counter() < stop_at:
@@ -142,6 +142,7 @@ def main() -> int:
             except (httpx.TransportError, ValueError):
                 pass
             time.sleep(0.3)
+        client.headers["Authorization"] = f"Bearer {(data_dir / 'admin-key').read_text().strip()}"
         dataset = client.post("/v1/datasets", files={"files": ("d.zip", make_zip(images), "application/zip")}).json()
         latencies: list[float] = []
         started = time.perf_counter()
@@ -154,7 +155,7 @@ def main() -> int:
         service_wall = time.perf_counter() - started
         reader.join(timeout=30)
         state = client.get(f"/v1/jobs/{job['id']}").json()["state"]
-        rps, list_latencies, errors = asyncio.run(load_jobs_list(url, args.clients, args.seconds))
+        rps, list_latencies, errors = asyncio.run(load_jobs_list(url, dict(client.headers), args.clients, args.seconds))
     finally:
         client.close()
         for process in (worker, api):

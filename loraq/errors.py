@@ -3,6 +3,7 @@
 
 class AppError(Exception):
     status = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -13,6 +14,15 @@ class AppError(Exception):
 
 class BadRequest(AppError):
     status = 400
+
+
+class Unauthorized(AppError):
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(AppError):
+    status = 403
 
 
 class NotFound(AppError):

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_upload_files: int = 10_000
     max_image_pixels: int = 64 * 1024 * 1024
 
+    # Per-owner limits
+    max_queued_jobs: int = 50
+    max_storage_bytes: int = 200 * 1024**3
+
     # Jobs
     max_attempts: int = 3
     lease_s: float = 60.0

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnedDataset, OwnerDep, SessionDep, SettingsDep
+from api.deps import OwnedDataset, PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ERRORS, MAX_OFFSET, DatasetDetail, DatasetList, DatasetSummary
 from api.services import datasets as service
+from api.services.quotas import check_storage
 from api.services.uploads import MAX_NAME_CHARS, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -27,9 +28,13 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("", status_code=201, responses=ERRORS, openapi_extra=UPLOAD_BODY)
-async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, owner: OwnerDep
+async def upload_dataset(request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
                          ) -> DatasetDetail:
     """Upload a dataset and get its pre-flight report; refused files are listed, not fatal."""
+    owner = principal.owner
+    # Refused before the body is read when the owner is already at the limit; the exact check
+    # comes once the upload's size on disk is known.
+    await run_in_threadpool(check_storage, session, settings, owner, 0)
     staging = service.new_staging_dir(settings)
     try:
         upload = await receive_upload(request, staging / "parts", settings)
@@ -40,10 +45,10 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
 
 
 @router.get("")
-def list_datasets(session: SessionDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+def list_datasets(session: SessionDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> DatasetList:
-    """The owner's datasets, newest first."""
-    items, total = service.list_datasets(session, owner, limit, offset)
+    """Your datasets (an admin's: everyone's), newest first."""
+    items, total = service.list_datasets(session, principal, limit, offset)
     return DatasetList(items=[DatasetSummary.model_validate(d, from_attributes=True) for d in items],
                        total=total, limit=limit, offset=offset)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from api.deps import CeleryDep, OwnedJob, OwnerDep, RedisDep, SessionDep, SettingsDep
+from api.deps import CeleryDep, OwnedJob, PrincipalDep, RedisDep, SessionDep, SettingsDep
 from api.schemas import ERRORS, MAX_INT32, MAX_OFFSET, JobCreate, JobList, JobOut, MetricOut
 from api.services import jobs as service
 from loraq.models import JobState
@@ -21,20 +21,20 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 @router.post("", status_code=201, responses={200: {"model": JobOut, "description": "replay of an Idempotency-Key"},
                                              **ERRORS})
 def create_job(body: JobCreate, response: Response, session: SessionDep, settings: SettingsDep,
-               redis: RedisDep, celery: CeleryDep, owner: OwnerDep, idempotency_key: IdempotencyKey = None
+               redis: RedisDep, celery: CeleryDep, principal: PrincipalDep, idempotency_key: IdempotencyKey = None
                ) -> JobOut:
     """Queue a training job: 201 when created, 200 when an Idempotency-Key replays an earlier one."""
-    job, created = service.submit_job(session, settings, redis, celery, owner, body, idempotency_key)
+    job, created = service.submit_job(session, settings, redis, celery, principal, body, idempotency_key)
     response.status_code = 201 if created else 200
     return service.show_job(session, job)
 
 
 @router.get("", responses=ERRORS)
-def list_jobs(session: SessionDep, owner: OwnerDep, state: JobState | None = None,
+def list_jobs(session: SessionDep, principal: PrincipalDep, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
-    """The owner's jobs, most recently queued first; `total` counts every match."""
-    items, total = service.list_jobs(session, owner, state, limit, offset)
+    """Your jobs (an admin's: everyone's), most recently queued first; `total` counts every match."""
+    items, total = service.list_jobs(session, principal, state, limit, offset)
     return JobList(items=items, total=total, limit=limit, offset=offset)
 
 
@@ -50,9 +50,10 @@ def cancel_job(job: OwnedJob, session: SessionDep, redis: RedisDep) -> JobOut:
 
 
 @router.post("/{job_id}/retry", responses=ERRORS)
-def retry_job(job: OwnedJob, session: SessionDep, redis: RedisDep, celery: CeleryDep) -> JobOut:
+def retry_job(job: OwnedJob, session: SessionDep, settings: SettingsDep, redis: RedisDep, celery: CeleryDep
+              ) -> JobOut:
     """A failed or canceled job is queued again as its next attempt; other states: 409."""
-    return service.show_job(session, service.retry_job(session, redis, celery, job))
+    return service.show_job(session, service.retry_job(session, settings, redis, celery, job))
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)

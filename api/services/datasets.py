@@ -23,9 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.deps import visible
 from api.schemas import DatasetDetail, DatasetReport, DatasetSummary, RefusedFile
 from api.services.dataset_report import build_report, caption_preview
+from api.services.quotas import check_storage
 from api.services.uploads import Upload, UploadedFile
+from loraq.auth import Principal
 from loraq import storage
 from loraq.errors import BadRequest, Conflict, Invalid, NotFound, TooLarge, UnsupportedMedia
 from loraq.models import Dataset, Job, new_id
@@ -64,10 +67,12 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(root, final)
     try:
+        total_bytes = sum(path.stat().st_size for path in _files(final))
+        check_storage(session, settings, owner, total_bytes)
         dataset = Dataset(
             id=dataset_id, owner=owner, name=upload.name or _default_name(upload, dataset_id),
             image_count=report.image_count, captioned_count=report.captioned_count,
-            total_bytes=sum(path.stat().st_size for path in _files(final)),
+            total_bytes=total_bytes,
             content_hash=hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest(),
             storage_path=str(final),
             report={**report.model_dump(mode="json"), "preview": {
@@ -268,8 +273,8 @@ def _write_thumbnails(root: Path, examples: list[Example]) -> int:
 # Reading and deleting
 
 
-def list_datasets(session: Session, owner: str, limit: int, offset: int) -> tuple[list[Dataset], int]:
-    query = select(Dataset).where(Dataset.owner == owner)
+def list_datasets(session: Session, principal: Principal, limit: int, offset: int) -> tuple[list[Dataset], int]:
+    query = select(Dataset).where(visible(Dataset, principal))
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     items = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset))
     return list(items), total

@@ -20,9 +20,11 @@ from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import load_dataset
+from api.deps import load_dataset, visible
+from api.services.quotas import check_queued_jobs
 from api.schemas import JobCreate, JobOut
 from loraq import events, storage
+from loraq.auth import Principal
 from loraq.errors import Conflict, Invalid, NotFound
 from loraq.jobs import transition
 from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
@@ -123,13 +125,15 @@ def _replay(job: Job, digest: str, key: str) -> Job:
     return job
 
 
-def submit_job(session: Session, settings: Settings, redis, celery: Celery, owner: str,
+def submit_job(session: Session, settings: Settings, redis, celery: Celery, principal: Principal,
                body: JobCreate, key: str | None) -> tuple[Job, bool]:
     """Create and enqueue a job; with a key seen before, the same job again. Returns (job, created)."""
+    owner = principal.owner
     digest = request_hash(body)
     if key is not None and (existing := _by_key(session, owner, key)) is not None:
         return _replay(existing, digest, key), False
-    dataset = load_dataset(session, owner, body.dataset_id)
+    dataset = load_dataset(session, principal, body.dataset_id)
+    check_queued_jobs(session, settings, owner)
     config, steps = validate_options(settings, dataset, check_base_model(settings, body.base_model), body.options)
     job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
               config=config.model_dump(mode="json", exclude=set(SERVICE_FIELDS)),
@@ -144,7 +148,7 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, owne
         session.rollback()
         existing = _by_key(session, owner, key) if key is not None else None
         if existing is None:  # not a key race: the dataset went away meanwhile
-            load_dataset(session, owner, body.dataset_id)
+            load_dataset(session, principal, body.dataset_id)
             raise
         return _replay(existing, digest, key), False
     _after_commit(redis, celery, [event], job.id, job.attempt)
@@ -195,10 +199,10 @@ def show_job(session: Session, job: Job) -> JobOut:
     return job_out(job, queue_position(session, job))
 
 
-def list_jobs(session: Session, owner: str, state: JobState | None, limit: int, offset: int
+def list_jobs(session: Session, principal: Principal, state: JobState | None, limit: int, offset: int
               ) -> tuple[list[JobOut], int]:
-    """A page of the owner's jobs, most recently queued first, and how many match in all."""
-    query = select(Job).where(Job.owner == owner)
+    """A page of the jobs `principal` sees, most recently queued first, and how many match in all."""
+    query = select(Job).where(visible(Job, principal))
     if state is not None:
         query = query.where(Job.state == state.value)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
@@ -258,11 +262,12 @@ def _set_cancel_flag(redis, job_id: str) -> None:
         log.warning("job.cancel_flag_failed job=%s: %s", job_id, error)
 
 
-def retry_job(session: Session, redis, celery: Celery, job: Job) -> Job:
+def retry_job(session: Session, settings: Settings, redis, celery: Celery, job: Job) -> Job:
     """A failed or canceled job goes back to the queue as a new attempt."""
     state = JobState(job.state)
     if state not in (JobState.failed, JobState.canceled):
         raise Conflict(f"job {job.id} is {state.value}; only failed or canceled jobs can be retried")
+    check_queued_jobs(session, settings, job.owner)
     attempt = job.attempt + 1
     # A user's retry starts a new series of attempts: the automatic cap counts from here.
     event = transition(session, job.id, state, JobState.queued, attempt=job.attempt, new_attempt=attempt,

@@ -64,12 +64,17 @@ def make_client(settings):
     """Open a TestClient on create_app(some settings); Redis keys the tests made are removed after."""
     opened = []
 
-    def make(custom=None) -> TestClient:
+    def make(custom=None, authorized: bool = True) -> TestClient:
+        """A client sending the first admin key (made when the first app starts), unless `authorized` is False."""
         from api.main import create_app
 
         client = TestClient(create_app(custom or settings))
         client.__enter__()
         opened.append(client)
+        if authorized:
+            key_file = next(path for path in ((custom or settings).data_dir / "admin-key",
+                                              settings.data_dir / "admin-key") if path.exists())
+            client.headers["Authorization"] = f"Bearer {key_file.read_text().strip()}"
         return client
 
     yield make

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import httpx
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
@@ -47,6 +48,14 @@ def test_upload_train_stream_and_download(service, settings, tmp_path):
     assert download.status_code == 200
     assert hashlib.sha256(download.content).hexdigest() == lora["sha256"]
     assert len(download.content) == lora["size"]
+
+    # Another owner's key, on the running service: the job, its download and its stream are 404.
+    other = service.client.post("/v1/keys", json={"owner": "someone-else"}).json()["key"]
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {other}"}) as stranger:
+        for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events",
+                     f"/v1/jobs/{job['id']}/artifacts/pytorch_lora_weights.safetensors"):
+            assert stranger.get(path).status_code == 404, path
+        assert stranger.get("/v1/jobs").json()["total"] == 0
 
     lora_dir = tmp_path / "downloaded"
     lora_dir.mkdir()

@@ -4,7 +4,8 @@ Every operation in /openapi.json gets a bounded number of generated requests, va
 (positive and negative generation), sent to the real app (create_app on the per-test database and
 the real Redis, no mocks). Every answer must be a non-5xx and match the schema: a documented
 status code, content type, headers and body. Half of the requests to id-taking routes use real ids
-(a seeded dataset and job), so the routes behind the 404 are reached too.
+(a seeded dataset and job), so the routes behind the 404 are reached too. Most requests carry the
+first admin key; some carry none or an unknown key, which must get a documented 401.
 
 Runs through schemathesis' own ASGI transport, driven by hypothesis inside one test function: its
 pytest integration (`schema.parametrize`) loads the schema at import time, which cannot use the
@@ -72,14 +73,17 @@ def _seed(client) -> dict[str, str]:
     return {"dataset_id": dataset_id, "job_id": job_id}
 
 
-def _fuzz(operation, mode: GenerationMode, real_ids: dict[str, str]) -> None:
+def _fuzz(operation, mode: GenerationMode, real_ids: dict[str, str], admin_key: str) -> None:
     path_names = {p.name for p in operation.path_parameters}
     strategy = operation.as_strategy(generation_mode=mode)
 
+    # Mostly the admin key (to reach the routes behind it); sometimes none or an unknown one (401).
+    keys = st.sampled_from([admin_key, admin_key, admin_key, None, "lq_not-a-key"])
+
     @hypothesis_settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
                          suppress_health_check=list(HealthCheck), print_blob=False)
-    @given(case=strategy, use_real=st.booleans())
-    def run(case, use_real):
+    @given(case=strategy, use_real=st.booleans(), key=keys)
+    def run(case, use_real, key):
         if use_real:
             for name, value in real_ids.items():
                 if name in path_names:
@@ -90,7 +94,8 @@ def _fuzz(operation, mode: GenerationMode, real_ids: dict[str, str]) -> None:
                 case.body["dataset_id"] = real_ids["dataset_id"]
                 if mode == GenerationMode.POSITIVE:
                     case.body["base_model"] = "tiny-sd"
-        response = case.call(timeout=CALL_TIMEOUT_S)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = case.call(timeout=CALL_TIMEOUT_S, headers=headers)
         case.validate_response(response, checks=CHECKS)
 
     run()
@@ -112,7 +117,10 @@ def test_openapi_fuzz(settings):
     app = create_app(settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
     try:
+        admin_key = (settings.data_dir / "admin-key").read_text().strip()
+        auth = {"Authorization": f"Bearer {admin_key}"}
         with asgi.get_client(app) as client:
+            client.headers.update(auth)
             real_ids = _seed(client)
         failures = []
         # Reads first, deletes last (jobs before datasets), so the seeded ids live as long as possible.
@@ -124,12 +132,12 @@ def test_openapi_fuzz(settings):
             if operation.method.upper() == "DELETE":
                 # a fuzzed retry may have queued the seeded job again: final again, so it can go
                 with asgi.get_client(app) as client:
-                    client.post(f"/v1/jobs/{real_ids['job_id']}/cancel")
+                    client.post(f"/v1/jobs/{real_ids['job_id']}/cancel", headers=auth)
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 if mode == GenerationMode.NEGATIVE and not _can_be_invalid(operation):
                     continue
                 try:
-                    _fuzz(operation, mode, real_ids)
+                    _fuzz(operation, mode, real_ids, admin_key)
                 except (Exception, FailureGroup) as error:  # noqa: BLE001 - gathered, reported together below
                     failures.append(f"{operation.label} [{mode.value}]: {type(error).__name__}: {error}")
         assert not failures, "\n\n".join(failures)

@@ -199,7 +199,7 @@ def test_a_users_retry_starts_a_new_series_of_attempts(settings, sessions, make_
     assert job_row(sessions, job_id).state == "failed"
 
     with sessions() as session:
-        retried = retry_job(session, redis_client, celery_app, session.get(Job, job_id))
+        retried = retry_job(session, settings, redis_client, celery_app, session.get(Job, job_id))
     assert (retried.state, retried.attempt, retried.attempt_base) == ("queued", 4, 3)
 
     with sessions.begin() as session:  # attempt 4 is claimed, then its worker is lost too

@@ -15,11 +15,13 @@ TINY = ["--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=
         "--set", "checkpointing_steps=100000"]
 
 
-def cli_env(service_url: str | None = None, **extra: str) -> dict[str, str]:
+def cli_env(service=None, **extra: str) -> dict[str, str]:
+    """The environment of a `loraq` run against `service` (its URL and admin key), or none."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
     env.pop("LORAQ_API_KEY", None)
-    if service_url:
-        env["LORAQ_URL"] = service_url
+    if service is not None:
+        env["LORAQ_URL"] = service.url
+        env["LORAQ_API_KEY"] = service.api_key
     return env
 
 
@@ -27,8 +29,8 @@ def loraq_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "loraq_client.cli", *args]
 
 
-def run_loraq(service_url: str, *args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(loraq_cmd(*args), env=cli_env(service_url), cwd=cwd or ROOT, capture_output=True,
+def run_loraq(service, *args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(loraq_cmd(*args), env=cli_env(service), cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -44,8 +46,8 @@ def loraq(service):
     """Run the real `loraq` command against the test's service: run(*args), popen(*args), ..."""
 
     def popen(*args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(loraq_cmd(*args), env=cli_env(service.url), cwd=kwargs.pop("cwd", ROOT),
+        return subprocess.Popen(loraq_cmd(*args), env=cli_env(service), cwd=kwargs.pop("cwd", ROOT),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
-    return SimpleNamespace(run=lambda *args, **kw: run_loraq(service.url, *args, **kw), popen=popen,
-                           env=cli_env(service.url), TINY=TINY, ROOT=ROOT, url=service.url)
+    return SimpleNamespace(run=lambda *args, **kw: run_loraq(service, *args, **kw), popen=popen,
+                           env=cli_env(service), TINY=TINY, ROOT=ROOT, url=service.url)

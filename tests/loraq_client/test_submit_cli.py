@@ -43,7 +43,7 @@ def test_submit_wait_download_and_inspect(service, loraq, dataset_folder, tmp_pa
     whole = lora.read_bytes()
     (again / (lora.name + ".part")).write_bytes(whole[: len(whole) // 2])
     statuses = []
-    with Client(service.url) as client:
+    with Client(service.url, service.api_key) as client:
         client.http.event_hooks["response"].append(lambda r: statuses.append(r.status_code))
         target = client.download(job_id, lora.name, again)
     assert target.read_bytes() == whole and 206 in statuses

@@ -49,6 +49,7 @@ class Service:
     logs: Path
     env: dict = field(default_factory=dict)
     workers: list = field(default_factory=list)  # every worker started, the first included
+    api_key: str | None = None  # the first admin key; `client` sends it
 
     def start_worker(self, name: str) -> subprocess.Popen:
         """One more `python -m worker` on the same settings, logging to `<name>.log`."""
@@ -102,6 +103,8 @@ def launch(settings, logs: Path) -> Service:
         try:
             health = running.client.get("/healthz")
             if health.status_code == 200 and health.json().get("workers", 0) >= 1:
+                running.api_key = (settings.data_dir / "admin-key").read_text().strip()
+                running.client.headers["Authorization"] = f"Bearer {running.api_key}"
                 return running
         except httpx.TransportError:
             pass

@@ -1,0 +1,84 @@
+"""`loraq-admin`: manage API keys on the server's own database (no running API needed).
+
+    loraq-admin keys create --owner alice [--name laptop] [--admin]
+    loraq-admin keys list [--owner alice]
+    loraq-admin keys revoke KEY_ID
+"""
+
+from __future__ import annotations
+
+import click
+
+from loraq import auth
+from loraq.db import make_engine, make_session_factory
+from loraq.errors import AppError
+from loraq.settings import Settings
+
+
+def _session():
+    engine = make_engine(Settings())
+    return engine, make_session_factory(engine)()
+
+
+@click.group()
+def main() -> None:
+    """Administer a loraq server (reads LORAQ_* settings like the server does)."""
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--owner", required=True, help="who the key acts for: their datasets and jobs")
+@click.option("--name", default=None, help="a note to tell keys apart")
+@click.option("--admin", is_flag=True, help="an admin key sees every owner's data and manages keys")
+def create(owner: str, name: str | None, admin: bool) -> None:
+    """Create a key and print its secret (shown only now)."""
+    engine, session = _session()
+    try:
+        row, secret = auth.create_key(session, owner, name, admin)
+    except AppError as error:
+        raise click.UsageError(error.message) from None
+    finally:
+        session.close()
+        engine.dispose()
+    click.echo(f"created key {row.id} for {row.owner}{' (admin)' if row.admin else ''}", err=True)
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--owner", default=None)
+def list_(owner: str | None) -> None:
+    """Every key: id, owner, prefix, admin, created, last used, revoked."""
+    engine, session = _session()
+    try:
+        rows = auth.list_keys(session, owner)
+    finally:
+        session.close()
+        engine.dispose()
+    for row in rows:
+        state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
+        click.echo(f"{row.id}\t{row.owner}\t{row.prefix}…\t{'admin' if row.admin else 'user'}\t"
+                   f"created {row.created_at:%Y-%m-%d %H:%M}\tused {used}\t{state}\t{row.name or ''}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def revoke(key_id: str) -> None:
+    """Revoke a key: its next request gets 401."""
+    engine, session = _session()
+    try:
+        auth.revoke_key(session, key_id)
+    except AppError as error:
+        raise click.ClickException(error.message) from None
+    finally:
+        session.close()
+        engine.dispose()
+    click.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    main()
