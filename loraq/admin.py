@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
+from sqlalchemy.orm import Session
 
 from loraq import auth
 from loraq.db import make_engine, make_session_factory
@@ -15,9 +19,17 @@ from loraq.errors import AppError
 from loraq.settings import Settings
 
 
-def _session():
+@contextmanager
+def _session() -> Iterator[Session]:
+    """A session on the server's database; an AppError becomes the command's error message."""
     engine = make_engine(Settings())
-    return engine, make_session_factory(engine)()
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    except AppError as error:
+        raise click.ClickException(error.message) from None
+    finally:
+        engine.dispose()
 
 
 @click.group()
@@ -36,14 +48,12 @@ def keys() -> None:
 @click.option("--admin", is_flag=True, help="an admin key sees every owner's data and manages keys")
 def create(owner: str, name: str | None, admin: bool) -> None:
     """Create a key and print its secret (shown only now)."""
-    engine, session = _session()
     try:
-        row, secret = auth.create_key(session, owner, name, admin)
+        auth.check_owner(owner)
     except AppError as error:
-        raise click.UsageError(error.message) from None
-    finally:
-        session.close()
-        engine.dispose()
+        raise click.BadParameter(error.message, param_hint="--owner") from None
+    with _session() as session:
+        row, secret = auth.create_key(session, owner, name, admin)
     click.echo(f"created key {row.id} for {row.owner}{' (admin)' if row.admin else ''}", err=True)
     click.echo(secret)
 
@@ -52,12 +62,8 @@ def create(owner: str, name: str | None, admin: bool) -> None:
 @click.option("--owner", default=None)
 def list_(owner: str | None) -> None:
     """Every key: id, owner, prefix, admin, created, last used, revoked."""
-    engine, session = _session()
-    try:
+    with _session() as session:
         rows = auth.list_keys(session, owner)
-    finally:
-        session.close()
-        engine.dispose()
     for row in rows:
         state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
         used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
@@ -69,14 +75,8 @@ def list_(owner: str | None) -> None:
 @click.argument("key_id")
 def revoke(key_id: str) -> None:
     """Revoke a key: its next request gets 401."""
-    engine, session = _session()
-    try:
+    with _session() as session:
         auth.revoke_key(session, key_id)
-    except AppError as error:
-        raise click.ClickException(error.message) from None
-    finally:
-        session.close()
-        engine.dispose()
     click.echo(f"revoked {key_id}")
 
 
