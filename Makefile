@@ -1,10 +1,12 @@
 # loraq: LoRA training for Stable Diffusion as a queued service.
 #
-#   make setup   create .venv and install the project (torch's CPU wheel first)
+#   make setup   create .venv and install the project (torch's CPU wheel first), and the
+#                dashboard's npm packages into node_modules/ (npm ci)
 #   make run     the whole service: migrations, Redis, demo model, API on :8000 and one worker
 #   make worker  one more worker against the same settings (another GPU, another host)
 #   make demo    a short training from the command line on a tiny generated model and dataset
-#   make test    start PostgreSQL and Redis if needed, then run the test suite
+#   make test    start PostgreSQL and Redis if needed (and install Chromium for the dashboard's
+#                browser tests), then run the test suite
 #   make bench   run the trainer and service benchmarks and update BENCHMARKS.md
 #   make clean   remove var/ and caches (keeps .venv)
 
@@ -12,6 +14,8 @@ PYTHON_SYSTEM ?= python3
 VENV          := .venv
 PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.installed
+NODE_STAMP    := node_modules/.installed
+CHROMIUM      := /usr/bin/chromium
 TORCH         := torch==2.13.0
 PYTEST_ARGS   ?=
 
@@ -22,9 +26,9 @@ DEMO_MODEL    := var/models/tiny-sd
 DEMO_DATA     := var/datasets/sample
 DEMO_OUT      := var/runs/demo
 
-.PHONY: setup run worker demo test bench clean services
+.PHONY: setup run worker demo test bench clean services chromium
 
-setup: $(STAMP)
+setup: $(STAMP) $(NODE_STAMP)
 
 # torch goes in first so pip takes the CPU wheel found on this machine; resolved later as a
 # plain dependency it would fetch a multi-GB CUDA build.
@@ -33,6 +37,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The dashboard's front-end packages (uPlot; playwright-core for its browser tests), exactly as
+# package-lock.json pins them. The API serves uPlot from node_modules; nothing is copied.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(DEMO_MODEL)/model_index.json: | $(STAMP)
@@ -79,7 +89,13 @@ services:
 	    for i in $$(seq 30); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && break; sleep 1; done; \
 	    redis-cli -h 127.0.0.1 ping; }
 
-test: setup services
+# Debian's Chromium for the dashboard's browser tests (playwright-core drives it; no browser
+# download). Needs root, as CI has.
+chromium:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+
+test: setup services chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup services

@@ -23,8 +23,10 @@ export class SseParser {
 
   feed(text) {
     this.buffer += text;
-    const lines = this.buffer.split(/\r\n|\r|\n/);
-    this.buffer = lines.pop(); // an incomplete last line waits for the next chunk
+    // A chunk may end between the \r and \n of one line end: keep that \r until the next chunk.
+    const held = this.buffer.endsWith('\r') ? 1 : 0;
+    const lines = this.buffer.slice(0, this.buffer.length - held).split(/\r\n|\r|\n/);
+    this.buffer = lines.pop() + (held ? '\r' : ''); // an incomplete last line waits for the next chunk
     for (const line of lines) this.line(line);
   }
 

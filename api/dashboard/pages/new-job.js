@@ -90,9 +90,8 @@ function jobForm(schema, models, datasets, ctx) {
         first ??= field.input;
       }
     }
-    if (rest.length || !fields.size) {
-      replace(general, h('p', {class: 'notice error', text: rest.length ? rest.join('; ') : error.message}));
-    }
+    const summary = fields.size ? `The server refused ${fields.size === 1 ? 'a field' : `${fields.size} fields`}; see the message next to each.` : '';
+    replace(general, h('p', {class: 'notice error'}, [summary, ...rest].filter(Boolean).join(' ') || error.message));
     (first ?? general).scrollIntoView?.({block: 'center'});
     first?.focus?.({preventScroll: true});
   }

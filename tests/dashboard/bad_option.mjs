@@ -1,0 +1,43 @@
+// Scenario: options the server refuses show its message next to each field named, and no job is
+// made. With authentication on, a wrong key is refused on the key form, and a key the server
+// stops accepting sends the browser back to the key form with a message.
+// args: {dataset_id, auth}
+
+import {enterKey, run} from './harness.mjs';
+
+run(async (t) => {
+  const {page, args} = t;
+  t.allowConsole(/status of 422 .*@ https?:\/\/[^/]+\/v1\/jobs$/); // the refused submission itself
+  if (args.auth) {
+    t.allowConsole(/status of 401 .*@ https?:\/\/[^/]+\/v1\//); // the wrong keys, on purpose
+    await page.goto(`${t.url}/key`);
+    await page.fill('#api-key', 'lq_wrong-key');
+    await page.click('button[type=submit]');
+    t.result.wrong_key_message = await (await page.waitForSelector('#api-key-error:not(:empty)')).textContent();
+  }
+  await enterKey(t);
+
+  await page.goto(`${t.url}/jobs/new?dataset=${args.dataset_id}`);
+  await page.waitForSelector('#advanced');
+  await page.selectOption('#base-model', 'tiny-sd');
+  await page.click('#advanced > summary');
+  await page.fill('#opt-resolution', '30');
+  await page.fill('#opt-learning_rate', '0');
+  await page.fill('#opt-max_train_steps', '5');
+  await page.click('#submit-job');
+  const error = await page.waitForSelector('#err-resolution:not(:empty)');
+  t.result.resolution_error = await error.textContent();
+  t.result.learning_rate_error = await page.textContent('#err-learning_rate');
+  t.result.max_train_steps_error = await page.textContent('#err-max_train_steps');
+  t.result.resolution_invalid = await page.getAttribute('#opt-resolution', 'aria-invalid');
+  t.result.path = new URL(page.url()).pathname;
+  await t.screenshot('new-job-errors');
+
+  if (args.auth) {
+    await page.evaluate(() => localStorage.setItem('loraq.apiKey', 'lq_revoked-or-wrong'));
+    await page.click('nav >> text=Jobs');
+    await page.waitForURL(/\/key\?next=/);
+    t.result.flash = await page.textContent('.notice.error');
+    t.result.key_after_401 = await page.evaluate(() => localStorage.getItem('loraq.apiKey'));
+  }
+});

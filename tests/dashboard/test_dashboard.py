@@ -1,0 +1,98 @@
+"""The dashboard in a real browser against the real API and worker (see conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+from PIL import Image
+
+from support.service import dataset_zip, submit, upload
+
+# Small enough to take seconds on a CPU, long enough to watch: a checkpoint and a validation image
+# half way, and the final ones at the end.
+STEPS = 60
+OPTIONS = {"max_train_steps": STEPS, "train_batch_size": 2, "seed": 0, "checkpointing_steps": 30,
+           "validation_steps": 30, "num_validation_images": 1, "validation_inference_steps": 2}
+
+
+def zip_with_problems(tmp_path) -> bytes:
+    """Four captioned images, one without a caption and a file that is no image."""
+    buffer = io.BytesIO(dataset_zip(tmp_path, n_images=4))
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(png, "PNG")
+    with zipfile.ZipFile(buffer, "a") as archive:
+        archive.writestr("uncaptioned.png", png.getvalue())
+        archive.writestr("broken.png", b"not an image")
+    return buffer.getvalue()
+
+
+def test_upload_submit_watch_and_download(service, browse, tmp_path):
+    # given a dataset zip on disk, with an uncaptioned image and a broken one
+    zip_path = tmp_path / "pets.zip"
+    zip_path.write_bytes(zip_with_problems(tmp_path))
+
+    # when the browser drops it on New job, submits a job on tiny-sd and watches it to the end
+    seen = browse("submit_and_watch.mjs", zip=str(zip_path), steps=STEPS, options=OPTIONS)
+
+    # then the page showed the server's report of the upload
+    report = seen["report"]
+    assert (report["Images"], report["Missing captions"], report["Refused files"]) == ("5", "1", "1"), report
+    assert len(seen["refused"]) == 1 and seen["refused"][0].startswith("broken.png"), seen["refused"]
+
+    # and the job ran on that dataset with the form's options
+    job = service.client.get(f"/v1/jobs/{seen['job_id']}").json()
+    assert job["state"] == "succeeded" and job["dataset_id"] == seen["selected_dataset"]
+    assert job["name"] == "browser test" and job["base_model"] == "tiny-sd"
+    assert job["config"]["resolution"] == 32 and job["config"]["max_train_steps"] == STEPS  # quick-test preset, edited
+
+    # the chart gained points and the progress bar advanced while the job ran, in the same page
+    running = [s for s in seen["observed"] if s["state"] == "running" and 0 < s["points"] < STEPS]
+    assert len({s["points"] for s in running}) >= 3, seen["observed"]
+    assert len({s["progress"] for s in running}) >= 3, seen["observed"]
+    assert all(a["points"] <= b["points"] for a, b in zip(seen["observed"], seen["observed"][1:]))
+    assert seen["observed"][-1]["points"] == STEPS and seen["same_document"] is True
+
+    # validation images appeared, grouped by step; checkpoints are offered too
+    assert seen["gallery_images"] >= 2 and 30 in seen["gallery_steps"] and STEPS in seen["gallery_steps"]
+    assert seen["checkpoint_downloads"] == 2
+
+    # the download is the server's LoRA, byte for byte
+    artifacts = {a["name"]: a for a in service.client.get(f"/v1/jobs/{seen['job_id']}/artifacts").json()}
+    assert seen["download_name"] == "pytorch_lora_weights.safetensors"
+    assert seen["download_sha256"] == artifacts["pytorch_lora_weights.safetensors"]["sha256"]
+
+    # and the datasets page shows the thumbnails and captions
+    assert seen["thumbnails"] == 4 and seen["captions"] >= 4
+
+
+def test_cancel_a_running_job_from_the_jobs_page(service, browse, tmp_path):
+    # given a long job that is running
+    job = submit(service, upload(service, tmp_path), max_train_steps=5000)
+    service.wait_for(job["id"], {"running"})
+
+    # when the browser cancels it from its row on the jobs page
+    seen = browse("cancel_from_jobs.mjs", job_id=job["id"])
+
+    # then the server has it canceled, and the page followed without a reload
+    assert service.client.get(f"/v1/jobs/{job['id']}").json()["state"] == "canceled"
+    assert seen["same_document"] is True and seen["eta_text"].endswith(("s", "min", "h"))
+    assert seen["retry_visible"] and not seen["cancel_visible"] and seen["job_page_retry_visible"]
+
+
+def test_refused_options_show_the_servers_message_next_to_each_field(service, browse, api_key, tmp_path):
+    # given a dataset
+    dataset_id = upload(service, tmp_path)
+
+    # when the form sends a resolution that is not a multiple of 8 and a learning rate of 0
+    seen = browse("bad_option.mjs", dataset_id=dataset_id, auth=api_key != "no-auth-yet")
+
+    # then each field shows the server's own message, and no job was made
+    assert "multiple of 8 (got 30)" in seen["resolution_error"]
+    assert "greater than 0" in seen["learning_rate_error"]
+    assert seen["max_train_steps_error"] == "" and seen["resolution_invalid"] == "true"
+    assert seen["path"] == "/jobs/new"
+    assert service.client.get("/v1/jobs").json()["total"] == 0
+    if api_key != "no-auth-yet":  # a refused key: a message on the form; a 401 later: back to it
+        assert "refused" in seen["wrong_key_message"]
+        assert "refused" in seen["flash"] and seen["key_after_401"] is None
