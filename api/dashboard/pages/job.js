@@ -29,6 +29,7 @@ export function jobPage(main, ctx) {
 
   let job = null;
   let latest = null; // the newest step event
+  let datasetInfo = null; // a promise of the job's dataset, asked once
   const points = {steps: [], loss: [], lr: []};
   let stream = null;
   const timers = {};
@@ -141,12 +142,10 @@ export function jobPage(main, ctx) {
     const datasetCell = h('dd', {text: fmt.shortId(job.dataset_id)});
     replace(view.facts, h('dt', {text: 'Dataset'}), datasetCell,
       facts.flatMap(([label, value]) => [h('dt', {text: label}), h('dd', {text: String(value)})]));
-    try {
-      const dataset = await get(`/v1/datasets/${encodeURIComponent(job.dataset_id)}`, {signal: ctx.signal});
-      replace(datasetCell, h('a', {href: '/datasets', text: dataset.name}), ` · ${dataset.image_count} images`);
-    } catch {
-      // deleted or unreachable: the id stays
-    }
+    datasetInfo ??= get(`/v1/datasets/${encodeURIComponent(job.dataset_id)}`, {signal: ctx.signal})
+      .catch(() => null); // deleted or unreachable: the id stays
+    const dataset = await datasetInfo;
+    if (dataset) replace(datasetCell, h('a', {href: '/datasets', text: dataset.name}), ` · ${dataset.image_count} images`);
   }
 
   async function act(action, button) {
