@@ -8,6 +8,7 @@ import zipfile
 from PIL import Image
 
 from support.service import dataset_zip, submit, upload
+from trainer.sample_data import write_sample_dataset
 
 # Small enough to take seconds on a CPU, long enough to watch: a checkpoint and a validation image
 # half way, and the final ones at the end.
@@ -80,19 +81,43 @@ def test_cancel_a_running_job_from_the_jobs_page(service, browse, tmp_path):
     assert seen["retry_visible"] and not seen["cancel_visible"] and seen["job_page_retry_visible"]
 
 
-def test_refused_options_show_the_servers_message_next_to_each_field(service, browse, api_key, tmp_path):
-    # given a dataset
+def wide_images_zip(tmp_path) -> bytes:
+    """Captioned 48x40 images: at resolution 32 every crop is random, so latents cannot be cached."""
+    folder = write_sample_dataset(tmp_path / "wide", n_images=2, size=48)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".png":
+                png = io.BytesIO()
+                Image.open(path).crop((0, 0, 48, 40)).save(png, "PNG")
+                archive.writestr(path.name, png.getvalue())
+            else:
+                archive.write(path, path.name)
+    return buffer.getvalue()
+
+
+def test_server_messages_reach_the_page(service, browse, api_key, tmp_path):
+    # given a dataset, and a job the server accepts but training refuses
     dataset_id = upload(service, tmp_path)
+    wide = service.client.post("/v1/datasets", files={"files": ("wide.zip", wide_images_zip(tmp_path), "application/zip")})
+    failing = submit(service, wide.json()["id"], max_train_steps=2, cache_latents=True)
 
-    # when the form sends a resolution that is not a multiple of 8 and a learning rate of 0
-    seen = browse("bad_option.mjs", dataset_id=dataset_id, auth=api_key != "no-auth-yet")
+    # when the form sends a resolution that is not a multiple of 8 and a learning rate of 0,
+    # and the browser then opens the failing job
+    seen = browse("server_messages.mjs", dataset_id=dataset_id, failing_job_id=failing["id"],
+                  auth=api_key != "no-auth-yet")
 
-    # then each field shows the server's own message, and no job was made
+    # then each refused field shows the server's own message, and no job was made
     assert "multiple of 8 (got 30)" in seen["resolution_error"]
     assert "greater than 0" in seen["learning_rate_error"]
     assert seen["max_train_steps_error"] == "" and seen["resolution_invalid"] == "true"
     assert seen["path"] == "/jobs/new"
-    assert service.client.get("/v1/jobs").json()["total"] == 0
+    assert service.client.get("/v1/jobs").json()["total"] == 1  # only the failing one
+
+    # the failed job shows the trainer's message and offers a retry
+    assert "cache_latents: cannot cache" in seen["failed_error"] and seen["failed_retry_visible"]
+    assert seen["failed_error"] == service.client.get(f"/v1/jobs/{failing['id']}").json()["error"]
+
     if api_key != "no-auth-yet":  # a refused key: a message on the form; a 401 later: back to it
         assert "refused" in seen["wrong_key_message"]
         assert "refused" in seen["flash"] and seen["key_after_401"] is None

@@ -1,7 +1,8 @@
-// Scenario: options the server refuses show its message next to each field named, and no job is
-// made. With authentication on, a wrong key is refused on the key form, and a key the server
-// stops accepting sends the browser back to the key form with a message.
-// args: {dataset_id, auth}
+// Scenario: the server's messages reach the page. Options it refuses show its message next to
+// each field named, and no job is made; a job that fails at run time shows its error. With
+// authentication on, a wrong key is refused on the key form, and a key the server stops
+// accepting sends the browser back to the key form with a message.
+// args: {dataset_id, failing_job_id, auth}
 
 import {enterKey, run} from './harness.mjs';
 
@@ -32,6 +33,13 @@ run(async (t) => {
   t.result.resolution_invalid = await page.getAttribute('#opt-resolution', 'aria-invalid');
   t.result.path = new URL(page.url()).pathname;
   await t.screenshot('new-job-errors');
+
+  await page.goto(`${t.url}/jobs/${args.failing_job_id}`);
+  await page.waitForSelector('.title-line .state-failed', {timeout: 60_000});
+  await page.waitForSelector('.job-error:not([hidden])');
+  t.result.failed_error = await page.textContent('.job-error .error-text');
+  t.result.failed_retry_visible = await page.isVisible('button:has-text("Retry")');
+  await t.screenshot('job-failed');
 
   if (args.auth) {
     await page.evaluate(() => localStorage.setItem('loraq.apiKey', 'lq_revoked-or-wrong'));
