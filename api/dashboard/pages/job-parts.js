@@ -24,6 +24,10 @@ export function sampleGallery(container, jobId, urls, signal) {
   }
 
   return {
+    /** A job without a validation prompt renders none: say so instead of "not yet". */
+    expectNone() {
+      empty.textContent = 'This job renders no validation images (it has no validation_prompt).';
+    },
     add(step, names) {
       const entry = group(step ?? 0);
       empty.hidden = true;

@@ -117,6 +117,7 @@ export function jobPage(main, ctx) {
     view.error.hidden = !job.error;
     view.errorText.textContent = job.error || '';
     replace(view.config, configTable(job.config));
+    if (!job.config?.validation_prompt) gallery.expectNone();
     showStats();
     showFacts();
   }
