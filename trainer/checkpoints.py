@@ -1,11 +1,21 @@
 """Checkpoints: accelerate state (optimizer, scheduler, RNG) plus LoRA weights and where the
-data order stood, so a resumed run continues exactly as an uninterrupted one."""
+data order stood, so a resumed run continues exactly as an uninterrupted one.
+
+A checkpoint folder is written file by file (accelerate's state, then `trainer_state.json`, then
+the LoRA file, each file atomically: a temporary name, then a rename). It counts as complete
+only once its LoRA file, the last one written, is there; a run killed or out of disk space
+midway leaves an incomplete folder that resuming and pruning skip and `remove_incomplete` deletes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +27,15 @@ from trainer.data import ResumePoint
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "sampler_rng.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_SUFFIX = ".partial"  # `.<name>.partial`: a file being written, renamed to <name> when whole
+# Errors that mean the disk (or a quota, or the process's file size limit) took no more bytes.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file too large"}
+# Libraries that do not raise OSError still name the cause: Rust's io::Error (safetensors) says
+# "No space left on device (os error 28)".
+_DISK_TEXT = {"no space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC,
+              "disk quota exceeded": errno.EDQUOT, "os error 122": errno.EDQUOT,
+              "file too large": errno.EFBIG, "os error 27": errno.EFBIG}
 
 
 @dataclass
@@ -38,36 +57,114 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_complete(checkpoint: str | Path) -> bool:
+    """Written to the end: its progress record reads back and its LoRA file (saved last) is there."""
+    from trainer.model import LORA_WEIGHTS_NAME  # here: trainer.model imports this module
+
+    checkpoint = Path(checkpoint)
+    try:
+        json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / LORA_WEIGHTS_NAME).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders in `output_dir`, oldest first."""
+    return [path for path in list_checkpoints(output_dir) if is_complete(path)]
+
+
 def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """The folder to resume from: `latest` (None when there is none yet) or an explicit path."""
+    """The folder to resume from: `latest` (the newest complete one; None when there is none yet)
+    or an explicit path, which must be a complete checkpoint."""
     if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
+        found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume_from_checkpoint
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint of this trainer")
+    if not is_complete(path):
+        raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (its writing was "
+                         "interrupted); use an earlier checkpoint")
     return path
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Before saving a new checkpoint, delete the oldest so that `keep` remain afterwards."""
+    """Before saving a new checkpoint, delete the oldest so that `keep` complete ones remain
+    afterwards; incomplete folders (an interrupted earlier run's) go too."""
     if keep is None:
         return []
-    found = list_checkpoints(output_dir)
-    doomed = found[: max(0, len(found) - keep + 1)]
-    for path in doomed:
+    doomed = remove_incomplete(output_dir)
+    found = complete_checkpoints(output_dir)
+    for path in found[: max(0, len(found) - keep + 1)]:
         shutil.rmtree(path)
+        doomed.append(path)
     return doomed
+
+
+def remove_incomplete(output_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted run left half-written in `output_dir`: incomplete checkpoint
+    folders and `.partial` files. Returns what it removed."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = [path for path in list_checkpoints(root) if not is_complete(path)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(root.rglob(f".*{PARTIAL_SUFFIX}")):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write, renamed to `path` once the block ends.
+
+    `path` is never seen half-written. On failure the temporary file is removed; when the cause
+    was the disk (space, quota, file size limit) the error becomes an OSError with that errno and
+    `path` as its filename, whatever the writing library raised.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        code = disk_errno(error)
+        if code is not None and not (isinstance(error, OSError) and error.errno == code and error.filename):
+            raise OSError(code, os.strerror(code), str(path)) from error
+        raise
+
+
+def disk_errno(error: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG when `error` (or what caused it) says the disk took no more bytes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            return error.errno
+        text = str(error).lower()
+        for needle, code in _DISK_TEXT.items():
+            if needle in text:
+                return code
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_state(path: Path, state: TrainerState, rng_before: torch.Tensor | None, config: dict) -> None:
     """Record progress (and the config that made it) next to accelerate's files."""
     payload = {**state.__dict__, "config": config}
-    (path / STATE_FILE).write_text(json.dumps(payload, indent=2))
+    with atomic_file(path / STATE_FILE) as partial:
+        partial.write_text(json.dumps(payload, indent=2))
     if rng_before is not None:
-        save_file({"rng_before": rng_before.contiguous()}, str(path / RNG_FILE))
+        with atomic_file(path / RNG_FILE) as partial:
+            save_file({"rng_before": rng_before.contiguous()}, str(partial))
 
 
 def read_state(path: Path) -> tuple[TrainerState, torch.Tensor | None]:

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from trainer.checkpoints import atomic_file
 from trainer.config import TrainConfig
 
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -74,17 +75,25 @@ def lora_state_dicts(unet, text_encoder=None) -> dict[str, dict[str, torch.Tenso
 
 
 def save_lora(output_dir: str | Path, unet, text_encoder=None) -> Path:
-    """Write the diffusers-format `pytorch_lora_weights.safetensors` that pipelines load."""
+    """Write the diffusers-format `pytorch_lora_weights.safetensors` that pipelines load.
+
+    The file appears whole or not at all (a temporary name, then a rename): a checkpoint counts
+    as complete once it has this file, and a half-written LoRA is never taken for a finished one.
+    """
     states = lora_state_dicts(unet, text_encoder)
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(output_dir),
-        unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
-        text_encoder_lora_layers=(
-            convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None
-        ),
-        safe_serialization=True,
-    )
-    return Path(output_dir) / LORA_WEIGHTS_NAME
+    path = Path(output_dir) / LORA_WEIGHTS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as partial:
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=str(output_dir),
+            unet_lora_layers=convert_state_dict_to_diffusers(states["unet"]),
+            text_encoder_lora_layers=(
+                convert_state_dict_to_diffusers(states["text_encoder"]) if "text_encoder" in states else None
+            ),
+            weight_name=partial.name,
+            safe_serialization=True,
+        )
+    return path
 
 
 def save_kohya_lora(output_dir: str | Path, lora_alpha: float, unet, text_encoder=None) -> Path:
@@ -97,15 +106,17 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, unet, text_encode
         if key.endswith(".alpha"):
             kohya[key] = torch.tensor(float(lora_alpha))
     path = Path(output_dir) / KOHYA_WEIGHTS_NAME
-    save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(path),
-              metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
+    with atomic_file(path) as partial:
+        save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(partial),
+                  metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
     return path
 
 
 def save_adapter_state(directory: Path, name: str, model) -> None:
     """Save one model's adapter weights exactly as peft holds them (used by checkpoints)."""
     state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, str(directory / f"{name}_lora.safetensors"))
+    with atomic_file(directory / f"{name}_lora.safetensors") as partial:
+        save_file(state, str(partial))
 
 
 def load_adapter_state(directory: Path, name: str, model) -> None:

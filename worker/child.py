@@ -8,6 +8,7 @@ child; the worker that forked it reads the pipe, records the outcome and takes t
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -142,6 +143,9 @@ class TrainingProcess:
             reason = f"the training process was killed by {name}"
             if -code == signal.SIGKILL:
                 reason += " (possibly out of memory)"
+            if -code == signal.SIGXFSZ:
+                reason = ("the training process went past the file size limit (SIGXFSZ) while writing "
+                          "the job's files")
         elif code == 0:
             reason = "the training process ended without reporting completion"
         else:
@@ -204,7 +208,7 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
     log_file = _redirect_output(log_path)
     events_out = os.fdopen(write_fd, "w", buffering=1, encoding="utf-8")
 
-    from trainer.events import ConsoleReporter
+    from trainer.events import ConsoleReporter, Event
     from trainer.loop import train
 
     reporter = ConsoleReporter(out=events_out, log=log_file, bar=False)
@@ -216,10 +220,91 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
 
     try:
         train(config, on_event)
-    except Exception:  # the error event already went to the parent; the traceback goes to the log
+    except Exception as error:  # the error event already went to the parent; the traceback goes to the log
         logging.getLogger("trainer").exception("training failed")
+        message = write_failure_message(error, Path(config.output_dir), Path(log_path))
+        if message:  # clearer than the library's words (torch: "unexpected pos 64 vs 0"); the last error wins
+            events_out.write(Event("error", message=message).to_json() + "\n")
+            events_out.flush()
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk
+
+
+LOW_SPACE_BYTES = 1 << 20  # less free than this where the job writes: a failed write was the disk's doing
+# What torch's and safetensors' writers say when a write comes up short (the errno is lost there).
+_WRITE_FAILURES = ("inline_container", "pytorchstreamwriter", "file write failed", "i/o error",
+                   "error while serializing")
+
+
+def write_failure_message(error: BaseException, output_dir: Path, log_path: Path | None = None) -> str | None:
+    """A message naming the disk and the file, when `error` came from writing to a full disk (or
+    past a quota or the file size limit); None for any other error."""
+    from trainer.checkpoints import DISK_ERRNOS, disk_errno
+
+    code = disk_errno(error)
+    free = free_bytes(output_dir)
+    if code is None and free is not None and free < LOW_SPACE_BYTES and _is_write_error(error):
+        code = errno.ENOSPC
+    if code is None:
+        return None
+    filename = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+    target = _shown(Path(filename), output_dir) if filename else _newest_entry(output_dir, log_path)
+    space = f"{free} bytes free where the job writes" if free is not None else "free space unknown"
+    return (f"{DISK_ERRNOS[code]} while writing {target} ({space}); free some space and retry the job, "
+            "which resumes from its last complete checkpoint")
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes this process may still write on `path`'s filesystem (root may use the reserve)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+    return blocks * stats.f_frsize
+
+
+def _chain(error: BaseException | None):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _is_write_error(error: BaseException) -> bool:
+    return any(isinstance(e, OSError) or any(text in str(e).lower() for text in _WRITE_FAILURES)
+               for e in _chain(error))
+
+
+def _shown(path: Path, output_dir: Path) -> str:
+    """`path` relative to the job's folder when it lies inside it."""
+    try:
+        return path.resolve().relative_to(output_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _newest_entry(output_dir: Path, log_path: Path | None) -> str:
+    """The file or folder last changed in `output_dir` (what was being written), the log aside."""
+    newest, best = None, (-1, -1)
+    for folder, dirs, files in os.walk(output_dir):
+        for name in dirs + files:
+            path = Path(folder, name)
+            if log_path is not None and path == log_path:
+                continue
+            try:
+                changed = path.lstat().st_mtime_ns
+            except OSError:
+                continue
+            key = (changed, len(path.parts))
+            if key > best:
+                newest, best = path, key
+    return _shown(newest, output_dir) if newest is not None else "the job's folder"
 
 
 def _detach(parent_pid: int) -> None:
@@ -237,11 +322,35 @@ def _detach(parent_pid: int) -> None:
         os._exit(1)
 
 
+class _LogFile:
+    """The attempt's log as a text stream whose write errors (a full disk) are dropped: losing
+    log lines must not stop the training, nor hide the error the trainer reports."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, text: str) -> int:
+        try:
+            return self._handle.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+
 def _redirect_output(log_path: str):
     """Send stdout, stderr and logging to the attempt's log file."""
-    log_file = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
-    os.dup2(log_file.fileno(), 1)
-    os.dup2(log_file.fileno(), 2)
+    raw = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - the child's life
+    os.dup2(raw.fileno(), 1)
+    os.dup2(raw.fileno(), 2)
+    log_file = _LogFile(raw)
     sys.stdout = sys.stderr = log_file
     root = logging.getLogger()
     for handler in list(root.handlers):  # the worker's handlers (console, test capture)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,9 +9,8 @@ from loraq import storage
 from loraq.errors import AppError
 from loraq.models import Dataset, Job
 from loraq.settings import Settings
-from trainer.checkpoints import STATE_FILE, list_checkpoints
+from trainer.checkpoints import complete_checkpoints
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.model import LORA_WEIGHTS_NAME
 
 log = logging.getLogger("loraq.worker")
 
@@ -56,20 +54,10 @@ def resume_checkpoint(settings: Settings, job_id: str, attempt: int) -> Path | N
     found = [
         (_step(path), number, path)
         for number in range(1, attempt + 1)
-        for path in list_checkpoints(storage.attempt_dir(settings, job_id, number))
-        if _is_complete(path)
+        for path in complete_checkpoints(storage.attempt_dir(settings, job_id, number))
     ]
     return max(found)[2] if found else None
 
 
 def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    """A checkpoint killed while being written lacks its LoRA file, which the trainer saves last."""
-    try:
-        json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return (checkpoint / LORA_WEIGHTS_NAME).is_file()

@@ -22,7 +22,8 @@ from loraq.errors import AppError
 from loraq.models import Dataset, Job, JobState
 from loraq.queue import MAX_ATTEMPT_S
 from loraq.settings import Settings
-from worker.child import TrainingProcess
+from trainer.checkpoints import remove_incomplete
+from worker.child import TrainingProcess, free_bytes
 from worker.job_config import build_train_config
 from worker.recorder import OWNED_STATES, LostOwnership, Recorder
 
@@ -103,7 +104,16 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
             return _settle(recorder, Outcome.failed, recorder.fail, str(error))
         except LostOwnership:
             return Outcome.lost
-    recorder.attempt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        recorder.attempt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a full disk, a read-only or missing data directory: fail, never hang
+        free = free_bytes(recorder.attempt_dir.parent.parent)
+        message = (f"cannot create the job's folder {recorder.attempt_dir}: {error.strerror or error}"
+                   + (f" ({free} bytes free)" if free is not None else ""))
+        try:
+            return _settle(recorder, Outcome.failed, recorder.fail, message)
+        except LostOwnership:
+            return Outcome.lost
     return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path)).run()
 
 
@@ -149,11 +159,13 @@ class Supervisor:
         except Exception as error:  # a worker-side fault (database gone, a bug): fail, never hang
             log.exception("job.worker_error job=%s attempt=%s", self.job_id, self.attempt)
             self.process.stop()
+            self._remove_incomplete()
             return self._fail_safely(f"worker error: {type(error).__name__}: {error}")
         finally:
             # Also on a worker shutdown (BaseException): the child never outlives its supervisor,
             # and the job is left to its lease, so the reaper can resume it as a new attempt.
             self.process.close()
+            self._remove_incomplete()
 
     def _watch(self) -> Outcome:
         while not self.process.finished:
@@ -162,13 +174,31 @@ class Supervisor:
                 self.recorder.record(batch)
             if self._cancel_requested():
                 self.process.stop()
+                self._remove_incomplete()
                 self._forget_cancel_key()
                 return _settle(self.recorder, Outcome.canceled, self.recorder.cancel)
             if time.monotonic() > self._deadline:
                 self.process.stop()
+                self._remove_incomplete()
                 message = f"the attempt ran past its time limit of {MAX_ATTEMPT_S / 3600:g} h"
                 return _settle(self.recorder, Outcome.failed, self.recorder.fail, message)
+        self._remove_incomplete()
         return self._settle_exit()
+
+    def _remove_incomplete(self) -> None:
+        """Once the child is gone: delete what it left half-written (a checkpoint folder it was
+        writing when stopped or out of disk, `.partial` files), so nothing resumes from it and the
+        space comes back. Complete checkpoints stay for a retry to resume from."""
+        if self.process.exitcode is None:
+            return
+        try:
+            removed = remove_incomplete(self.recorder.attempt_dir)
+        except OSError:
+            log.exception("job.cleanup_failed job=%s attempt=%s", self.job_id, self.attempt)
+            return
+        if removed:
+            log.info("job.incomplete_removed job=%s attempt=%s paths=%s", self.job_id, self.attempt,
+                     ",".join(str(path.relative_to(self.recorder.attempt_dir)) for path in removed))
 
     def _settle_exit(self) -> Outcome:
         """The child has ended: succeeded if it said `done` and exited 0, else failed with its reason."""
