@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 
+import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
 from loraq import storage
+from support.hostile import LIMITS, hostile_uploads
 from loraq.models import Dataset
 from trainer.files import scan_examples
 
@@ -129,18 +130,7 @@ def test_image_over_the_pixel_limit_is_refused_from_its_header(make_client, sett
         {"file": "big.png", "reason": "64x64 pixels is over the limit of 1000"}]
 
 
-def _symlink_zip() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        info = zipfile.ZipInfo("link.png")
-        info.external_attr = (0o120777 << 16)
-        archive.writestr(info, "/etc/passwd")
-    return buffer.getvalue()
-
-
-BAD_ZIPS = {
-    "dot-dot entry": ({"../evil.png": b"x"}, 400, "points outside the archive"),
-    "absolute entry": ({"/abs/evil.png": b"x"}, 400, "points outside the archive"),
+MALFORMED_ZIPS = {
     "only non-images": ({"a.txt": "caption", "b.pdf": b"%PDF"}, 422, "b.pdf: not an image"),
     "no image decodes": ({"bad.png": b"\x89PNG broken", "bad.txt": "x"}, 422, "bad.png: not a readable image"),
     "empty zip": ({}, 422, "no images found"),
@@ -148,19 +138,14 @@ BAD_ZIPS = {
 }
 
 
-def test_bad_zips_are_refused_and_leave_nothing(client, settings, upload, png, subtests):
-    for case, (entries, status, message) in BAD_ZIPS.items():
+def test_malformed_zips_are_refused_and_leave_nothing(client, settings, upload, png, subtests):
+    for case, (entries, status, message) in MALFORMED_ZIPS.items():
         with subtests.test(case):
             response = upload({name: png() if data is None else data for name, data in entries.items()})
 
             assert response.status_code == status, response.text
             assert message in error_of(response)
             assert_nothing_left(client, settings)
-    with subtests.test("symbolic link entry"):
-        response = client.post("/v1/datasets", files={"files": ("l.zip", _symlink_zip(), "application/zip")})
-
-        assert response.status_code == 400 and "symbolic link" in error_of(response)
-        assert_nothing_left(client, settings)
 
 
 PNG, ZIP = object(), object()  # stand-ins for a small PNG and a zip holding one
@@ -168,8 +153,6 @@ BAD_UPLOADS = {
     "zip name, not a zip": ([("files", "data.zip", b"hello")], 415, "data.zip: not a zip archive"),
     "one non-image file": ([("files", "notes.txt", b"hello")], 415, "expected a zip archive or an image"),
     "no files": ([("name", None, b"just a name")], 422, "no files uploaded"),
-    "dot-dot file name": ([("files", "../a.png", PNG), ("files", "b.png", PNG)], 400, "'..' is not allowed"),
-    "absolute file name": ([("files", "/tmp/a.png", PNG)], 400, "absolute paths are not allowed"),
     "zip among images": ([("files", "a.zip", ZIP), ("files", "b.png", PNG)], 400, "send one zip file on its own"),
     "unknown field": ([("files", "a.png", PNG), ("color", None, b"red")], 422, "color: unknown form field"),
     "file in other field": ([("images", "a.png", PNG)], 422, "files go in the form field 'files'"),
@@ -196,55 +179,35 @@ def test_bad_uploads_are_refused_and_leave_nothing(client, settings, png, zip_by
         response = client.post("/v1/datasets", data={"name": "x"})
 
         assert response.status_code == 415 and "multipart/form-data" in error_of(response)
-    with subtests.test("truncated body"):
-        body, headers = multipart([("files", "a.png", png())])
-
-        response = client.post("/v1/datasets", content=body[:-30], headers=headers)
-
-        assert response.status_code == 400 and "closing boundary" in error_of(response)
-        assert_nothing_left(client, settings)
 
 
-def _noise_png() -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((64, 64), 100).convert("RGB").save(buffer, "PNG")
-    return buffer.getvalue()
+# The hostile uploads (tests/support/hostile.py) in process; tests/faults sends the same bytes to
+# a running server.
+ENFORCED = [upload for upload in hostile_uploads(LIMITS) if upload.enforced is None]
+NOT_YET = [upload for upload in hostile_uploads(LIMITS) if upload.enforced is not None]
 
 
-def _zeros_zip() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("zeros.png", b"\0" * 100_000)
-    return buffer.getvalue()
+def test_hostile_uploads_are_refused_and_leave_nothing(make_client, settings, subtests):
+    client = make_client(settings.model_copy(update=LIMITS.settings()))
+    for upload in ENFORCED:
+        with subtests.test(upload.name):
+            response = client.post("/v1/datasets", **upload.request())
+
+            assert response.status_code == upload.status, response.text
+            assert upload.message in error_of(response)
+            assert_nothing_left(client, settings)
 
 
-def test_uploads_past_the_limits_are_413(make_client, settings, multipart, png, subtests):
-    client = make_client(settings.model_copy(update={"max_upload_bytes": 4000, "max_upload_files": 2}))
-    with subtests.test("Content-Length over the limit"):
-        response = client.post("/v1/datasets", files={"files": ("n.png", _noise_png(), "image/png")})
+@pytest.mark.parametrize("upload", [pytest.param(u, id=u.name, marks=pytest.mark.xfail(reason=u.enforced, strict=True))
+                                    for u in NOT_YET])
+def test_hostile_uploads_not_refused_yet(make_client, settings, upload):
+    client = make_client(settings.model_copy(update=LIMITS.settings()))
 
-        assert response.status_code == 413 and "over the limit of 4000 bytes" in error_of(response)
-        assert_nothing_left(client, settings)
-    with subtests.test("chunked body, counted while streaming"):
-        body, headers = multipart([("files", "a.png", png() + b"\0" * 10_000)])
-        chunks = (body[i:i + 1000] for i in range(0, len(body), 1000))  # no Content-Length
+    response = client.post("/v1/datasets", **upload.request())
 
-        response = client.post("/v1/datasets", content=chunks, headers=headers)
-
-        assert response.status_code == 413 and "over the limit of 4000 bytes" in error_of(response)
-        assert_nothing_left(client, settings)
-    with subtests.test("too many files"):
-        body, headers = multipart([("files", f"{n}.png", png(8, 8)) for n in range(3)])
-
-        response = client.post("/v1/datasets", content=body, headers=headers)
-
-        assert response.status_code == 413 and "more than 2 files" in error_of(response)
-        assert_nothing_left(client, settings)
-    with subtests.test("zip that expands past the limit"):
-        response = client.post("/v1/datasets", files={"files": ("z.zip", _zeros_zip(), "application/zip")})
-
-        assert response.status_code == 413 and "expands to 100000 bytes" in error_of(response)
-        assert_nothing_left(client, settings)
+    assert response.status_code == upload.status, response.text
+    assert upload.message in error_of(response)
+    assert_nothing_left(client, settings)
 
 
 def test_list_show_and_delete(client, settings, upload, png):
