@@ -41,10 +41,14 @@ class Recorder:
         self.redis = redis
         self.job_id = job_id
         self.attempt = attempt
+        self.job_dir = storage.job_dir(settings, job_id)
         self.attempt_dir = storage.attempt_dir(settings, job_id, attempt)
         self.log_path = self.attempt_dir / "train.log"
         self.done: dict | None = None  # the trainer's `done` event, once seen
         self.error: str | None = None  # the message of its last `error` event
+        # The checkpoint (of any attempt) this attempt resumes from: listed once training starts,
+        # since the attempt that wrote it may have died before recording it.
+        self.resumed_from: Path | None = None
 
     def record(self, batch: list[dict]) -> None:
         """Write a batch of trainer events in one transaction; raises LostOwnership."""
@@ -138,6 +142,9 @@ class Recorder:
 
     def _artifacts_of(self, event: dict) -> list[dict]:
         kind, step = event.get("type"), event.get("step")
+        if kind == "start" and self.resumed_from is not None:
+            return [self._describe(ArtifactKind.checkpoint, f"{self.resumed_from.name}/{LORA_WEIGHTS_NAME}",
+                                   self.resumed_from / LORA_WEIGHTS_NAME, step, within=self.job_dir)]
         if kind == "checkpoint":
             return [self._describe(ArtifactKind.checkpoint, f"{Path(p).name}/{LORA_WEIGHTS_NAME}",
                                    Path(p) / LORA_WEIGHTS_NAME, step) for p in event["paths"]]
@@ -150,10 +157,12 @@ class Recorder:
             return None
         return self._describe(ArtifactKind.log, f"logs/attempt-{self.attempt}.log", self.log_path, None)
 
-    def _describe(self, kind: ArtifactKind, name: str, path: Path, step: int | None) -> dict | None:
-        """An artifact row for a file this attempt wrote; None (and a warning) if it is not there."""
+    def _describe(self, kind: ArtifactKind, name: str, path: Path, step: int | None,
+                  within: Path | None = None) -> dict | None:
+        """An artifact row for a file this attempt wrote (or, `within` the job's folder, one it
+        resumed from); None (and a warning) if it is not there."""
         path = path.resolve()
-        if self.attempt_dir not in path.parents or not path.is_file():
+        if (within or self.attempt_dir) not in path.parents or not path.is_file():
             log.warning("job.artifact_missing job=%s name=%s path=%s", self.job_id, name, path)
             return None
         return {"job_id": self.job_id, "kind": kind.value, "name": name, "path": str(path),

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis as redis_lib
 from sqlalchemy import Engine, select
@@ -99,6 +100,8 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
         with resources.sessions() as session:
             job = session.get(Job, job_id)
             config = build_train_config(settings, job, session.get(Dataset, job.dataset_id), attempt)
+        if config.resume_from_checkpoint:
+            recorder.resumed_from = Path(config.resume_from_checkpoint)
     except (ValueError, AppError) as error:  # ConfigError is a ValueError; both name the problem
         try:
             return _settle(recorder, Outcome.failed, recorder.fail, str(error))

@@ -13,8 +13,10 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from faults.checks import (
+    assert_artifacts, assert_finished, checkpoint_loras, final_loras, logs, metric_steps, wait_for_step,
+)
 from support.service import API_FLAGS, FINAL, ROOT, free_port, read_sse, stop, submit, upload
-
 
 
 class PrivateRedis:
@@ -60,16 +62,6 @@ def private_redis(tmp_path):
     server.stop()
 
 
-def wait_for_step(service, job_id: str, step: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = service.client.get(f"/v1/jobs/{job_id}").json()
-        if job["step"] >= step or job["state"] in FINAL:
-            return job
-        assert time.monotonic() < deadline, service.tail()
-        time.sleep(0.1)
-
-
 def assert_gapless(service, job_id: str, events: list[dict], total: int) -> None:
     ids = [e["id"] for e in events]
     assert ids == list(range(1, len(ids) + 1)), f"event ids have a gap or a repeat: {ids}"
@@ -79,12 +71,13 @@ def assert_gapless(service, job_id: str, events: list[dict], total: int) -> None
     assert states == ["queued", "running", "succeeded"], "one attempt, never requeued"
 
 
-def test_redis_restart_mid_job(settings, private_redis, start_service):
+@pytest.mark.parametrize("backend", ["sqlite"])  # Redis is the fault here; the database only records it
+def test_redis_restart_mid_job(settings, private_redis, start_service, scratch, footprint):
     """Redis is killed (SIGKILL, no chance to flush anything) while a job trains, and comes back
     on the same port and append-only file 2 s later: the training goes on, the job succeeds in its
     first attempt with every metric and every event, and the worker takes new jobs afterwards."""
     service = start_service(settings.model_copy(update={"redis_url": private_redis.url}))
-    dataset_id = upload(service, settings.data_dir.parent)
+    dataset_id = upload(service, scratch)
     total = 300
     job = submit(service, dataset_id, max_train_steps=total, checkpointing_steps=10, train_batch_size=1)
 
@@ -99,12 +92,10 @@ def test_redis_restart_mid_job(settings, private_redis, start_service):
     # A stream opened now, while the job still trains, and one resumed with Last-Event-ID.
     live = read_sse(service.client, f"/v1/jobs/{job['id']}/events")
     finished = service.wait_for(job["id"], FINAL, timeout=120)
-    assert finished["state"] == "succeeded", service.tail()
-    assert finished["step"] == total and finished["attempt"] == 1, finished
-
-    metrics = service.client.get(f"/v1/jobs/{job['id']}/metrics").json()
-    assert [m["step"] for m in metrics] == list(range(1, total + 1)), "one metric row per step, no gap"
+    assert_finished(finished, "succeeded", total, attempt=1, context=service.tail())
+    assert metric_steps(service, job["id"]) == list(range(1, total + 1)), "one metric row per step, no gap"
     assert_gapless(service, job["id"], live, total)
+    assert_artifacts(service, job["id"], checkpoint_loras(*range(10, total + 1, 10)) | final_loras() | logs(1))
     middle = live[len(live) // 2]["id"]
     resumed = _read_sse_from(service.client, job["id"], middle)
     assert [e["id"] for e in resumed] == list(range(middle + 1, live[-1]["id"] + 1))
@@ -114,8 +105,11 @@ def test_redis_restart_mid_job(settings, private_redis, start_service):
 
     # The worker's Celery consumer reconnected: a job submitted after the restart runs too.
     after = submit(service, dataset_id, max_train_steps=2)
-    assert service.wait_for(after["id"], FINAL, timeout=60)["state"] == "succeeded", service.tail()
+    assert_finished(service.wait_for(after["id"], FINAL, timeout=60), "succeeded", 2, attempt=1,
+                    context=service.tail())
+    assert_artifacts(service, after["id"], final_loras() | logs(1))
     assert all(process.poll() is None for process in [service.api, *service.workers]), service.tail()
+    footprint.assert_clean()
 
 
 def _read_sse_from(client: httpx.Client, job_id: str, last_id: int) -> list[dict]:
@@ -146,12 +140,12 @@ def start_api(service) -> subprocess.Popen:
         stdout=open(service.logs / "api-2.log", "wb"), stderr=subprocess.STDOUT)
 
 
-def test_api_restart_mid_stream(settings, start_service):
+def test_api_restart_mid_stream(settings, start_service, scratch, footprint):
     """The API is terminated while a client follows a job's events; a new API on the same port
     takes the resumed stream (Last-Event-ID) and the union is every event once, in order, while the
     worker trained on in its first attempt."""
     service = start_service(settings)
-    dataset_id = upload(service, settings.data_dir.parent)
+    dataset_id = upload(service, scratch)
     total = 600
     job = submit(service, dataset_id, max_train_steps=total, checkpointing_steps=10, train_batch_size=1)
     worker_pid = service.worker.pid
@@ -159,7 +153,7 @@ def test_api_restart_mid_stream(settings, start_service):
     # Follow the stream; after a few steps, terminate the API under it and read on until it breaks.
     first: list[dict] = []
     stopped_at = None
-    stream = httpx.Client(base_url=service.url, timeout=30)
+    stream = httpx.Client(base_url=service.url, headers=service.client.headers, timeout=30)
     try:
         for event in _iter_sse(stream, f"/v1/jobs/{job['id']}/events"):
             first.append(event)
@@ -193,7 +187,9 @@ def test_api_restart_mid_stream(settings, start_service):
     rest = _read_sse_from(service.client, job["id"], first[-1]["id"])
     events = first + rest
     finished = service.client.get(f"/v1/jobs/{job['id']}").json()
-    assert finished["state"] == "succeeded", service.tail()
-    assert finished["step"] == total and finished["attempt"] == 1, finished
+    assert_finished(finished, "succeeded", total, attempt=1, context=service.tail())
     assert_gapless(service, job["id"], events, total)
     assert service.worker.pid == worker_pid and service.worker.poll() is None, "the worker kept running"
+    assert metric_steps(service, job["id"]) == list(range(1, total + 1))
+    assert_artifacts(service, job["id"], checkpoint_loras(*range(10, total + 1, 10)) | final_loras() | logs(1))
+    footprint.assert_clean()
