@@ -1,7 +1,7 @@
 // The dashboard's shell: routes a path to its page, keeps links in the page (no reloads), and
 // sends the user to the key form when there is no key or the server refuses it.
 
-import {keyStore, onUnauthorized} from './api.js';
+import {get, keyStore, onUnauthorized} from './api.js';
 import {clear, h} from './dom.js';
 import {datasetsPage} from './pages/datasets.js';
 import {jobPage} from './pages/job.js';
@@ -31,7 +31,7 @@ function render() {
   if (leave) leave();
   leave = null;
   const path = location.pathname.replace(/\/+$/, '') || '/';
-  const route = ROUTES.find((candidate) => candidate.pattern.test(path));
+  const route = routeOf(path);
   if (!route) {
     clear(main).append(h('h1', {text: 'Not found'}), h('p', {}, 'No page here. ', h('a', {href: '/', text: 'Jobs'})));
     return;
@@ -58,12 +58,17 @@ function render() {
     refreshWho: updateWho,
   };
   clear(main);
-  main.scrollTo?.(0, 0);
+  window.scrollTo(0, 0);
   route.page(main, ctx);
   leave = () => {
     controller.abort();
     for (const fn of cleanups) fn();
   };
+}
+
+function routeOf(pathname) {
+  const path = pathname.replace(/\/+$/, '') || '/';
+  return ROUTES.find((candidate) => candidate.pattern.test(path));
 }
 
 function takeFlash() {
@@ -91,10 +96,20 @@ document.addEventListener('click', (event) => {
   if (!link || event.defaultPrevented || event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey) return;
   if (link.target || link.hasAttribute('download') || link.origin !== location.origin) return;
   const url = new URL(link.href);
-  if (url.pathname.startsWith('/v1/') || url.pathname.startsWith('/static/') || url.pathname === '/docs') return;
+  if (!routeOf(url.pathname)) return; // /docs, /healthz, files: a normal visit
   event.preventDefault();
   if (url.pathname + url.search !== location.pathname + location.search) navigate(url.pathname + url.search);
 });
 
 window.addEventListener('popstate', render);
 render();
+
+// A key kept from an earlier visit: learn its owner for the top bar (a refused key is handled
+// by the first page's own request).
+if (keyStore.get() && !keyStore.who()) {
+  const key = keyStore.get();
+  get('/v1/whoami', {quiet401: true}).then((who) => {
+    if (keyStore.get() === key) keyStore.set(key, who);
+    updateWho();
+  }).catch(() => {});
+}

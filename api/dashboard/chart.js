@@ -32,6 +32,7 @@ export function lineChart(container, {series, y, height = 240}) {
       scales: {x: {time: false}},
       cursor: {drag: {x: true, y: false}},
       legend: {live: true},
+      hooks: {setData: [showLast], setLegend: [showLast]},
       series: [{label: 'step', value: (u, v) => (v === null ? '—' : String(v))},
         ...series.map((s) => ({label: s.label, stroke: s.stroke, width: s.width ?? 1.5, points: {show: false},
           value: (u, v) => number(v), spanGaps: true}))],
@@ -59,6 +60,12 @@ export function lineChart(container, {series, y, height = 240}) {
       plot?.destroy();
     },
   };
+}
+
+/** Away from the cursor the legend shows the newest values, not dashes. */
+function showLast(plot) {
+  const count = plot.data[0].length;
+  if (count && plot.cursor.idx == null) plot.setLegend({idx: count - 1}, false);
 }
 
 /** Exponential moving average with bias correction (as TensorBoard's smoothing). */

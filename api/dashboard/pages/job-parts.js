@@ -36,7 +36,9 @@ export function sampleGallery(container, jobId, urls, signal) {
         entry.names.add(name);
         const img = h('img', {alt: `validation image, step ${step}: ${name}`, loading: 'lazy', width: 256, height: 256});
         const link = h('a', {class: 'sample', target: '_blank', rel: 'noopener', title: name}, img);
-        entry.grid.append(link);
+        // The final images come from the saved LoRA file loaded into a fresh pipeline.
+        entry.grid.append(h('figure', {class: 'sample-figure'}, link,
+          h('figcaption', {class: 'muted small', text: /(^|\/)final-/.test(name) ? 'final, from the saved file' : `step ${step}`})));
         imageUrl(artifactPath(jobId, name), urls, {signal}).then((url) => {
           img.src = url;
           link.href = url;
