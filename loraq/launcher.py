@@ -112,7 +112,7 @@ def main() -> int:
     processes.append(("worker", start([sys.executable, "-m", "worker"], "worker")))
     url = f"http://{settings.host}:{settings.port}"
     print(
-        f"\nloraq is up: {url}  (API docs: {url}/docs, health: {url}/healthz)\n"
+        f"\nloraq is up: {url}  (dashboard: {url}/ , API docs: {url}/docs, health: {url}/healthz)\n"
         f"Every /v1 call needs the admin key the API made on its first start ({settings.data_dir / 'admin-key'}):\n"
         f"  curl -H \"Authorization: Bearer $(cat {settings.data_dir / 'admin-key'})\" -F files=@{archive} {url}/v1/datasets\n"
         f"Then POST {url}/v1/jobs with the dataset id and base_model tiny-sd. Ctrl-C stops everything.\n",
