@@ -14,7 +14,7 @@ import select
 import pytest
 
 from faults.checks import (
-    assert_artifacts, assert_finished, checkpoint_loras, final_loras, logs, metric_steps,
+    assert_artifacts, assert_finished, checkpoint_loras, final_loras, logs, metric_steps, wait_for_step,
 )
 from support.service import FINAL, read_sse, submit, upload
 
@@ -35,7 +35,7 @@ def test_cancel_during_a_checkpoint_write_then_retry_resumes_from_the_last_compl
     try:
         ready, _, _ = select.select([reader], [], [], 120)
         assert ready, f"the trainer never wrote checkpoint-{BLOCKED}:\n{service.tail()}"
-        writing = service.client.get(f"/v1/jobs/{job_id}").json()
+        writing = wait_for_step(service, job_id, BLOCKED)  # the step event may still be on its way in
         assert (writing["state"], writing["step"]) == ("running", BLOCKED), writing
         assert (checkpoint / "unet_lora.safetensors").is_file(), "the checkpoint is half-written"
 
