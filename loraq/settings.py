@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # Uploads
     max_upload_bytes: int = 2 * 1024**3
     max_upload_files: int = 10_000
+    max_file_bytes: int = 256 * 1024**2  # one image, caption or metadata file (in a zip or not)
+    max_compression_ratio: float = 100.0  # a zip's expanded bytes over its compressed bytes
     max_image_pixels: int = 64 * 1024 * 1024
 
     # Per-owner limits

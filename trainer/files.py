@@ -59,15 +59,24 @@ def dataset_folder(train_data_dir: str | Path) -> Iterator[Path]:
 
 
 def extract_zip(archive: Path, dest: Path) -> None:
-    """Extract a zip, refusing entries that would land outside `dest` or are links."""
+    """Extract a zip, refusing entries that would land outside `dest`, links and other entries that
+    are neither files nor folders (devices, FIFOs, sockets)."""
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             name = PurePosixPath(info.filename.replace("\\", "/"))
             if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
                 raise DatasetError(f"{archive.name}: entry {info.filename!r} points outside the archive")
-            if stat.S_ISLNK(info.external_attr >> 16):
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no Unix mode
+            if kind == stat.S_IFLNK:
                 raise DatasetError(f"{archive.name}: entry {info.filename!r} is a symbolic link")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise DatasetError(f"{archive.name}: entry {info.filename!r} is a {_SPECIAL.get(kind, 'special file')}, "
+                                   "not a regular file")
         zf.extractall(dest)
+
+
+_SPECIAL = {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFIFO: "FIFO",
+            stat.S_IFSOCK: "socket"}
 
 
 def _single_root(folder: Path) -> Path:

@@ -40,7 +40,6 @@ from trainer.files import (
 PREVIEW_DIR = ".loraq"  # hidden: the trainer skips it
 THUMBNAILS = 4
 THUMBNAIL_PX = 256
-ZIP_TYPES = {"application/zip", "application/x-zip-compressed"}
 _UNSAFE = re.compile(r"[^\w.\-]+")
 
 
@@ -89,13 +88,9 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
 
 def _default_name(upload: Upload, dataset_id: str) -> str:
     first = upload.files[0].filename.replace("\\", "/").rsplit("/", 1)[-1]
-    if len(upload.files) == 1 and _is_zip(upload.files[0]) and first.lower() != ".zip":
+    if len(upload.files) == 1 and upload.files[0].is_zip and first.lower() != ".zip":
         return (first[:-4] if first.lower().endswith(".zip") else first)[:200]
     return f"dataset-{dataset_id[:8]}"
-
-
-def _is_zip(file: UploadedFile) -> bool:
-    return file.filename.lower().endswith(".zip") or file.content_type in ZIP_TYPES
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,9 +105,9 @@ def _unpack(upload: Upload, staging: Path, settings: Settings) -> tuple[Path, li
                       f"{METADATA_FILE}, in the form field 'files'")
     data = staging / "data"
     data.mkdir(parents=True)
-    if len(files) == 1 and _is_zip(files[0]):
+    if len(files) == 1 and files[0].is_zip:
         return _extract(files[0], data, settings), []
-    zips = [file.filename for file in files if _is_zip(file)]
+    zips = [file.filename for file in files if file.is_zip]
     if zips:
         raise BadRequest(f"send one zip file on its own, or images and captions without a zip (got {zips[0]} "
                          f"among {len(files)} files)")
@@ -132,6 +127,7 @@ def _extract(file: UploadedFile, data: Path, settings: Settings) -> Path:
         expanded = sum(info.file_size for info in entries)
         if expanded > settings.max_upload_bytes:
             raise TooLarge(f"{file.filename} expands to {expanded} bytes; the limit is {settings.max_upload_bytes}")
+        _check_entries(file.filename, entries, expanded, settings)
         extract_zip(file.path, data)
     except DatasetError as error:  # an entry with ../, an absolute path or a link
         raise BadRequest(str(error)) from None
@@ -140,6 +136,20 @@ def _extract(file: UploadedFile, data: Path, settings: Settings) -> Path:
     file.path.unlink()
     entries = [path for path in data.iterdir() if not _hidden(path.name)]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else data
+
+
+def _check_entries(archive: str, entries: list[zipfile.ZipInfo], expanded: int, settings: Settings) -> None:
+    """Refuse a zip with one entry over the single-file limit, or that inflates past the ratio
+    limit (read from the headers, before anything is extracted; sizes that lie fail the CRC)."""
+    largest = max(entries, key=lambda info: info.file_size, default=None)
+    if largest is not None and largest.file_size > settings.max_file_bytes:
+        raise TooLarge(f"{archive}: entry {largest.filename!r} is {largest.file_size} bytes; the limit for one "
+                       f"file is {settings.max_file_bytes} (LORAQ_MAX_FILE_BYTES)")
+    compressed = sum(info.compress_size for info in entries)
+    ratio = expanded / max(compressed, 1)
+    if ratio > settings.max_compression_ratio:
+        raise TooLarge(f"{archive}: compression ratio {ratio:.0f}:1 is over the limit of "
+                       f"{settings.max_compression_ratio:g}:1 (LORAQ_MAX_COMPRESSION_RATIO); is it a zip bomb?")
 
 
 def flat_name(name: str) -> str | None:

@@ -26,6 +26,7 @@ MAX_FIELD_BYTES = 1000  # ... and its bytes while it streams in
 MAX_HEADER_BYTES = 16 * 1024  # all headers of one part
 FLUSH_BYTES = 1 << 20  # buffered file data written in a worker thread past this
 _DRIVE = re.compile(r"^[A-Za-z]:")
+ZIP_TYPES = {"application/zip", "application/x-zip-compressed"}
 
 
 @dataclass
@@ -34,6 +35,11 @@ class UploadedFile:
     path: Path  # where its bytes are
     content_type: str = ""
     size: int = 0
+
+    @property
+    def is_zip(self) -> bool:
+        """Sent as a zip (by name or type); whether it really is one is checked when it is opened."""
+        return self.filename.lower().endswith(".zip") or self.content_type in ZIP_TYPES
 
 
 @dataclass
@@ -68,9 +74,10 @@ def check_content_length(request: Request, settings: Settings) -> None:
 class _Receiver:
     """python-multipart callbacks that write file parts to `folder` and keep the `name` field."""
 
-    def __init__(self, folder: Path, max_files: int):
+    def __init__(self, folder: Path, max_files: int, max_file_bytes: int):
         self.folder = folder
         self.max_files = max_files
+        self.max_file_bytes = max_file_bytes
         self.upload = Upload()
         self.ended = False
         self._headers: dict[bytes, bytes] = {}
@@ -146,6 +153,10 @@ class _Receiver:
             self._pending.append((self._file.path, data[start:end]))
             self._pending_bytes += end - start
             self._file.size += end - start
+            # A zip is a whole dataset: its entries get the one-file limit when it is opened.
+            if self._file.size > self.max_file_bytes and not self._file.is_zip:
+                raise TooLarge(f"{self._file.filename}: over the limit for one file of {self.max_file_bytes} bytes "
+                               "(LORAQ_MAX_FILE_BYTES)")
 
     def on_part_end(self) -> None:
         if self._field is not None:
@@ -190,7 +201,8 @@ def _decode(raw: bytes) -> str:
 async def receive_upload(request: Request, folder: Path, settings: Settings) -> Upload:
     """Stream the multipart body into `folder`: one file per part, the `name` field kept.
 
-    Raises TooLarge past `max_upload_bytes` (body bytes) or `max_upload_files`, BadRequest on a
+    Raises TooLarge past `max_upload_bytes` (body bytes), `max_upload_files` or `max_file_bytes`
+    (one file's bytes), BadRequest on a
     bad file name or a malformed or truncated body, UnsupportedMedia if it is not multipart.
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
@@ -200,7 +212,7 @@ async def receive_upload(request: Request, folder: Path, settings: Settings) -> 
         raise BadRequest("multipart/form-data without a boundary")
     check_content_length(request, settings)
     folder.mkdir(parents=True, exist_ok=True)
-    receiver = _Receiver(folder, settings.max_upload_files)
+    receiver = _Receiver(folder, settings.max_upload_files, settings.max_file_bytes)
     parser = MultipartParser(params[b"boundary"], receiver.callbacks())
     received = 0
     try:

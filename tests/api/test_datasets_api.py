@@ -183,31 +183,18 @@ def test_bad_uploads_are_refused_and_leave_nothing(client, settings, png, zip_by
 
 # The hostile uploads (tests/support/hostile.py) in process; tests/faults sends the same bytes to
 # a running server.
-ENFORCED = [upload for upload in hostile_uploads(LIMITS) if upload.enforced is None]
-NOT_YET = [upload for upload in hostile_uploads(LIMITS) if upload.enforced is not None]
+HOSTILE = hostile_uploads(LIMITS)
 
 
 def test_hostile_uploads_are_refused_and_leave_nothing(make_client, settings, subtests):
     client = make_client(settings.model_copy(update=LIMITS.settings()))
-    for upload in ENFORCED:
+    for upload in HOSTILE:
         with subtests.test(upload.name):
             response = client.post("/v1/datasets", **upload.request())
 
             assert response.status_code == upload.status, response.text
             assert upload.message in error_of(response)
             assert_nothing_left(client, settings)
-
-
-@pytest.mark.parametrize("upload", [pytest.param(u, id=u.name, marks=pytest.mark.xfail(reason=u.enforced, strict=True))
-                                    for u in NOT_YET])
-def test_hostile_uploads_not_refused_yet(make_client, settings, upload):
-    client = make_client(settings.model_copy(update=LIMITS.settings()))
-
-    response = client.post("/v1/datasets", **upload.request())
-
-    assert 400 <= response.status_code < 500, response.text
-    assert upload.message in error_of(response)
-    assert_nothing_left(client, settings)
 
 
 def test_list_show_and_delete(client, settings, upload, png):
