@@ -5,40 +5,15 @@ No worker runs here: jobs stay queued unless a test moves them with loraq.jobs.t
 
 from __future__ import annotations
 
-import io
-import zipfile
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from PIL import Image
 from sqlalchemy import select
 
 from loraq.events import stream_key
-
-
-def _png(width: int = 32, height: int = 32, color=(200, 30, 30), fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def _zip_bytes(entries: dict[str, bytes | str]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in entries.items():
-            archive.writestr(zipfile.ZipInfo(name), data)
-    return buffer.getvalue()
-
-
-def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "loraqtestboundary") -> tuple[bytes, dict]:
-    """A hand-made multipart body (field, filename or None, data), sent as it is: no name cleaning."""
-    body = b""
-    for field, filename, data in parts:
-        disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename is not None else "")
-        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+# One copy of each builder: the hostile-upload payloads (tests/support/hostile.py) use them too.
+from support.hostile import multipart as _multipart, png as _png, zip_of as _zip_bytes
 
 
 @pytest.fixture
