@@ -98,14 +98,16 @@ def settings(backend, request, tmp_path, tiny_model):
 
 @pytest.fixture
 def start_service(tmp_path):
-    """start_service(settings) -> the API on a free port and one worker (`worker-1.log`), up and
-    answering; everything it started is stopped after the test."""
+    """start_service(settings, python=None) -> the API on a free port and one worker
+    (`worker-1.log`), up and answering; everything it started is stopped after the test."""
+    import sys
+
     from support.service import launch, shut_down
 
     started = []
 
-    def start(settings):
-        started.append(launch(settings, tmp_path / f"logs-{len(started)}"))
+    def start(settings, python: str | None = None):
+        started.append(launch(settings, tmp_path / f"logs-{len(started)}", python or sys.executable))
         return started[-1]
 
     yield start

@@ -58,9 +58,9 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(scratch, monkeypatch):
-    """small_disk(mountpoint, size) -> SmallDisk; while `with disk_python(disk)` is active,
-    start_service starts its processes inside the namespace."""
+def small_disk(scratch):
+    """small_disk(mountpoint, size) -> SmallDisk; start_service_on(settings, disk)
+    starts the service's processes inside its namespace."""
     holders: list[subprocess.Popen] = []
 
     def make(mountpoint: Path, size: str) -> SmallDisk:
@@ -87,12 +87,10 @@ def small_disk(scratch, monkeypatch):
 
 
 @pytest.fixture
-def start_service_on(start_service, monkeypatch):
+def start_service_on(start_service):
     """start_service_on(settings, disk): the API and worker started inside the disk's namespace."""
 
     def start(settings, disk: SmallDisk):
-        with monkeypatch.context() as patch:
-            patch.setattr(sys, "executable", str(disk.python))  # what support.service launches
-            return start_service(settings)
+        return start_service(settings, python=str(disk.python))
 
     return start

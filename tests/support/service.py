@@ -50,10 +50,11 @@ class Service:
     env: dict = field(default_factory=dict)
     workers: list = field(default_factory=list)  # every worker started, the first included
     api_key: str | None = None  # the first admin key; `client` sends it
+    python: str = sys.executable  # what runs the API and the workers (a wrapper may stand in)
 
     def start_worker(self, name: str) -> subprocess.Popen:
         """One more `python -m worker` on the same settings, logging to `<name>.log`."""
-        process = start_worker(self.env, self.logs, name)
+        process = start_worker(self.env, self.logs, name, self.python)
         self.workers.append(process)
         return process
 
@@ -70,8 +71,8 @@ class Service:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
 
 
-def start_worker(env: dict, logs: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
+def start_worker(env: dict, logs: Path, name: str, python: str = sys.executable) -> subprocess.Popen:
+    return subprocess.Popen([python, "-m", "worker"], cwd=ROOT, env=env,
                             stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
 
 
@@ -85,19 +86,20 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def launch(settings, logs: Path) -> Service:
-    """Start the API on a free port and one worker (`worker-1.log`); return once both answer."""
+def launch(settings, logs: Path, python: str = sys.executable) -> Service:
+    """Start the API on a free port and one worker (`worker-1.log`) with `python`; return once both
+    answer."""
     logs.mkdir()
     env = service_env(settings)
     port = free_port()
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
+        [python, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), *API_FLAGS], cwd=ROOT, env=env,
         stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
     )
-    worker = start_worker(env, logs, "worker-1")
+    worker = start_worker(env, logs, "worker-1", python)
     url = f"http://127.0.0.1:{port}"
-    running = Service(url, httpx.Client(base_url=url, timeout=30), api, worker, logs, env, [worker])
+    running = Service(url, httpx.Client(base_url=url, timeout=30), api, worker, logs, env, [worker], python=python)
     deadline = time.monotonic() + 90
     while True:
         try:
