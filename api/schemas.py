@@ -135,6 +135,8 @@ class JobOut(BaseModel):
     attempt: int
     worker: str | None
     queue_position: int | None = Field(description="1-based place among queued jobs; null unless queued")
+    images_per_s: float | None = Field(default=None, description="training speed at the last step; null unless running")
+    eta_s: float | None = Field(default=None, description="seconds left at the pace of the last steps; null unless running")
 
 
 class JobList(BaseModel):

@@ -182,7 +182,27 @@ def queue_position(session: Session, job: Job) -> int | None:
     return session.scalar(select(func.count()).select_from(Job).where(_queued_before(job))) + 1
 
 
-def job_out(job: Job, position: int | None) -> JobOut:
+SPEED_WINDOW = 20  # steps the ETA's pace is measured over
+
+
+def job_speed(session: Session, job: Job) -> tuple[float | None, float | None]:
+    """(images/s at the last step, seconds left at the pace of the last steps) of a running job."""
+    if job.state != JobState.running.value or job.step <= 0:
+        return None, None
+    rows = list(session.execute(select(JobMetric.step, JobMetric.time, JobMetric.images_per_s)
+                                .where(JobMetric.job_id == job.id, JobMetric.step > job.step - SPEED_WINDOW)
+                                .order_by(JobMetric.step)))
+    if not rows:
+        return None, None
+    first, last = rows[0], rows[-1]
+    seconds = (last.time - first.time).total_seconds()
+    eta = None
+    if last.step > first.step and seconds > 0:
+        eta = max(job.total_steps - job.step, 0) * seconds / (last.step - first.step)
+    return last.images_per_s, eta
+
+
+def job_out(job: Job, position: int | None, speed: tuple[float | None, float | None] = (None, None)) -> JobOut:
     if job.state == JobState.succeeded.value:
         progress = 1.0
     else:
@@ -192,11 +212,12 @@ def job_out(job: Job, position: int | None) -> JobOut:
         progress=progress, last_loss=job.last_loss, dataset_id=job.dataset_id, base_model=job.base_model,
         config=job.config, queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
         error=job.error, attempt=job.attempt, worker=job.worker, queue_position=position,
+        images_per_s=speed[0], eta_s=speed[1],
     )
 
 
 def show_job(session: Session, job: Job) -> JobOut:
-    return job_out(job, queue_position(session, job))
+    return job_out(job, queue_position(session, job), job_speed(session, job))
 
 
 def list_jobs(session: Session, principal: Principal, state: JobState | None, limit: int, offset: int
@@ -212,7 +233,7 @@ def list_jobs(session: Session, principal: Principal, state: JobState | None, li
         queued = session.scalars(select(Job.id).where(Job.state == JobState.queued.value)
                                  .order_by(Job.queued_at, Job.id))
         positions = {job_id: n for n, job_id in enumerate(queued, start=1)}
-    return [job_out(job, positions.get(job.id)) for job in jobs], total
+    return [job_out(job, positions.get(job.id), job_speed(session, job)) for job in jobs], total
 
 
 def list_metrics(session: Session, job: Job, after_step: int, limit: int) -> list[JobMetric]:

@@ -321,3 +321,25 @@ def test_hostile_input_is_never_a_500(client, submit, dataset_id):
     assert [r.status_code for r in responses] == [404, 404, 404, 422, 422, 422, 422, 422, 422, 422, 422, 404,
                                                   422, 422, 422, 201, 422, 404]
     assert all(set(r.json()) == {"error"} for r in responses if r.status_code != 201)
+
+
+def test_a_running_jobs_speed_and_eta_come_from_its_last_steps(client, session, submit):
+    from datetime import datetime, timedelta, timezone
+
+    job = submit({"resolution": 32, "max_train_steps": 100}).json()
+    assert job["eta_s"] is None and job["images_per_s"] is None  # queued
+    assert claim(session, job["id"], 1, "test-worker", 30) is not None
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    # 30 steps: slow at first (5 s each), then 0.5 s each for the last 20 that the pace is read from
+    times = [start + timedelta(seconds=5 * n) for n in range(10)]
+    times += [times[-1] + timedelta(seconds=0.5 * n) for n in range(1, 21)]
+    for step, time in enumerate(times, start=1):
+        session.add(JobMetric(job_id=job["id"], step=step, loss=0.1, lr=1e-4, images_per_s=float(step), time=time))
+    session.query(Job).filter(Job.id == job["id"]).update({"step": 30})
+    session.commit()
+
+    shown = client.get(f"/v1/jobs/{job['id']}").json()
+    assert shown["images_per_s"] == 30.0
+    assert abs(shown["eta_s"] - 70 * 0.5) < 1e-6  # 70 steps left at 0.5 s per step
+    listed = next(j for j in client.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
+    assert listed["eta_s"] == shown["eta_s"]

@@ -13,7 +13,6 @@ export function jobsPage(main, ctx) {
   const state = STATES.includes(ctx.query.get('state')) ? ctx.query.get('state') : '';
   let limit = PAGE;
   const rows = new Map(); // job id -> row
-  const rates = new Map(); // job id -> steps per second, measured between polls
   const names = datasetNames(ctx.signal);
 
   const body = h('tbody');
@@ -66,8 +65,7 @@ export function jobsPage(main, ctx) {
         row = jobRow(job, () => refresh());
         rows.set(job.id, row);
       }
-      measureRate(rates, job, now);
-      row.update(job, {eta: eta(job, rates.get(job.id)?.rate, now), dataset: names.name(job.dataset_id), now});
+      row.update(job, {eta: job.eta_s, dataset: names.name(job.dataset_id), now});
       if (body.children[index] !== row) body.insertBefore(row, body.children[index] ?? null);
     });
     for (const [id, row] of rows) {
@@ -147,30 +145,4 @@ function jobRow(job, changed) {
     retry.hidden = !canRetry(next);
   };
   return row;
-}
-
-/** Steps per second from the change between two polls, smoothed. */
-function measureRate(rates, job, now) {
-  const before = rates.get(job.id);
-  if (job.state !== 'running') {
-    rates.delete(job.id);
-    return;
-  }
-  if (!before || job.step < before.step) {
-    rates.set(job.id, {step: job.step, time: now, rate: before?.rate ?? null});
-    return;
-  }
-  if (job.step === before.step) return;
-  const measured = (job.step - before.step) / ((now - before.time) / 1000);
-  const rate = before.rate ? 0.7 * before.rate + 0.3 * measured : measured;
-  rates.set(job.id, {step: job.step, time: now, rate});
-}
-
-/** Seconds left: from the measured rate, else from the average since the job started. */
-function eta(job, rate, now) {
-  const left = job.total_steps - job.step;
-  if (left <= 0) return 0;
-  if (rate) return left / rate;
-  if (job.started_at && job.step > 0) return left * ((now - Date.parse(job.started_at)) / 1000 / job.step);
-  return null;
 }
