@@ -117,6 +117,13 @@ class JobCreate(BaseModel):
                                     description="trainer options, e.g. {\"resolution\": 512, \"rank\": 8}")
 
 
+class JobCheck(BaseModel):
+    """What a submission would train, without queueing it."""
+
+    total_steps: int
+    config: dict[str, Any] = Field(description="the validated trainer options with every default filled in")
+
+
 class JobOut(BaseModel):
     id: str
     name: str | None

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import CeleryDep, OwnedJob, PrincipalDep, RedisDep, SessionDep, SettingsDep
-from api.schemas import ERRORS, MAX_INT32, MAX_OFFSET, JobCreate, JobList, JobOut, MetricOut
+from api.schemas import ERRORS, MAX_INT32, MAX_OFFSET, JobCheck, JobCreate, JobList, JobOut, MetricOut
 from api.services import jobs as service
 from loraq.models import JobState
 
@@ -27,6 +27,13 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, setting
     job, created = service.submit_job(session, settings, redis, celery, principal, body, idempotency_key)
     response.status_code = 201 if created else 200
     return service.show_job(session, job)
+
+
+@router.post("/validate", responses=ERRORS)
+def validate_job(body: JobCreate, session: SessionDep, settings: SettingsDep, principal: PrincipalDep) -> JobCheck:
+    """Check a submission as POST /v1/jobs would (same 404 and 422 messages) without queueing it."""
+    _, config, steps = service.check_submission(session, settings, principal, body)
+    return JobCheck(total_steps=steps, config=service.checked_options(config))
 
 
 @router.get("", responses=ERRORS)

@@ -125,6 +125,20 @@ def _replay(job: Job, digest: str, key: str) -> Job:
     return job
 
 
+def check_submission(session: Session, settings: Settings, principal: Principal, body: JobCreate
+                     ) -> tuple[Dataset, TrainConfig, int]:
+    """What a submission would train (its dataset, validated config and step count), or the
+    404/422 that submitting it would get."""
+    dataset = load_dataset(session, principal, body.dataset_id)
+    config, steps = validate_options(settings, dataset, check_base_model(settings, body.base_model), body.options)
+    return dataset, config, steps
+
+
+def checked_options(config: TrainConfig) -> dict:
+    """The validated options as a job stores and shows them (service-owned ones left out)."""
+    return config.model_dump(mode="json", exclude=set(SERVICE_FIELDS))
+
+
 def submit_job(session: Session, settings: Settings, redis, celery: Celery, principal: Principal,
                body: JobCreate, key: str | None) -> tuple[Job, bool]:
     """Create and enqueue a job; with a key seen before, the same job again. Returns (job, created)."""
@@ -132,12 +146,10 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
     digest = request_hash(body)
     if key is not None and (existing := _by_key(session, owner, key)) is not None:
         return _replay(existing, digest, key), False
-    dataset = load_dataset(session, principal, body.dataset_id)
     check_queued_jobs(session, settings, owner)
-    config, steps = validate_options(settings, dataset, check_base_model(settings, body.base_model), body.options)
+    dataset, config, steps = check_submission(session, settings, principal, body)
     job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
-              config=config.model_dump(mode="json", exclude=set(SERVICE_FIELDS)),
-              total_steps=steps, state=JobState.queued.value,
+              config=checked_options(config), total_steps=steps, state=JobState.queued.value,
               attempt=1, step=0, event_seq=0, idempotency_key=key, request_hash=digest)
     session.add(job)
     try:

@@ -343,3 +343,21 @@ def test_a_running_jobs_speed_and_eta_come_from_its_last_steps(client, session, 
     assert abs(shown["eta_s"] - 70 * 0.5) < 1e-6  # 70 steps left at 0.5 s per step
     listed = next(j for j in client.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
     assert listed["eta_s"] == shown["eta_s"]
+
+
+def test_validate_answers_as_submit_would_without_queueing(client, session, dataset_id, subtests):
+    def validate(options, **body):
+        return client.post("/v1/jobs/validate", json={"dataset_id": dataset_id, "base_model": "tiny-sd",
+                                                      "options": options, **body})
+
+    for options, message in INVALID_OPTIONS:
+        with subtests.test(str(options)):
+            response = validate(options)
+            assert response.status_code == 422 and message in error_of(response)
+    checked = validate({"resolution": 32, "train_batch_size": 2, "num_train_epochs": 3})
+    assert checked.status_code == 200, checked.text
+    assert checked.json()["total_steps"] == 6  # 3 images, batches of 2: 2 steps an epoch
+    assert checked.json()["config"]["resolution"] == 32 and checked.json()["config"]["rank"] == 4
+    assert validate({}, base_model="no-such-model").status_code == 422
+    assert validate({}, dataset_id="0" * 32).status_code == 404
+    assert job_count(session) == 0

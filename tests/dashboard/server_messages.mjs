@@ -1,5 +1,5 @@
 // Scenario: the server's messages reach the page. Options it refuses show its message next to
-// each field named, and no job is made; a job that fails at run time shows its error. With
+// each field named (as they are typed, and again on submit), and no job is made; a job that fails at run time shows its error. With
 // authentication on, a wrong key is refused on the key form, and a key the server stops
 // accepting sends the browser back to the key form with a message.
 // args: {dataset_id, failing_job_id, auth}
@@ -25,6 +25,9 @@ run(async (t) => {
   await page.fill('#opt-resolution', '30');
   await page.fill('#opt-learning_rate', '0');
   await page.fill('#opt-max_train_steps', '5');
+  // checked as typed, before any submit
+  t.result.live_resolution_error = await (await page.waitForSelector('#err-resolution:not(:empty)')).textContent();
+  t.result.live_learning_rate_error = await page.textContent('#err-learning_rate');
   await page.click('#submit-job');
   const error = await page.waitForSelector('#err-resolution:not(:empty)');
   t.result.resolution_error = await error.textContent();

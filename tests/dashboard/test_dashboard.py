@@ -108,6 +108,8 @@ def test_server_messages_reach_the_page(service, browse, api_key, tmp_path):
                   auth=api_key != "no-auth-yet")
 
     # then each refused field shows the server's own message, and no job was made
+    assert "multiple of 8 (got 30)" in seen["live_resolution_error"]  # before submitting
+    assert "greater than 0" in seen["live_learning_rate_error"]
     assert "multiple of 8 (got 30)" in seen["resolution_error"]
     assert "greater than 0" in seen["learning_rate_error"]
     assert seen["max_train_steps_error"] == "" and seen["resolution_invalid"] == "true"

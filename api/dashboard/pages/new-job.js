@@ -1,5 +1,6 @@
 // New job: a dataset (chosen or uploaded), a base model from GET /v1/models, a preset, every
-// training option, and the server's messages shown next to the fields they name.
+// training option, and the server's messages shown next to the fields they name: checked as the
+// user types (POST /v1/jobs/validate, the submit's own checks) and again on submit.
 
 import {ApiError, get, getAll, isAbort, post} from '../api.js';
 import {h, replace} from '../dom.js';
@@ -44,6 +45,7 @@ function jobForm(schema, models, datasets, ctx) {
     datasets = [dataset, ...datasets.filter((d) => d.id !== dataset.id)];
     fillDatasets(dataset.id);
     errors.dataset_id.textContent = '';
+    validateSoon();
   });
 
   const modelSelect = h('select', {id: 'base-model', name: 'base_model', 'aria-describedby': 'err-base_model'},
@@ -57,7 +59,9 @@ function jobForm(schema, models, datasets, ctx) {
   const advanced = h('details', {class: 'advanced', id: 'advanced'},
     h('summary', {text: 'Advanced: every training option'}), options.element);
   const submit = h('button', {type: 'submit', class: 'primary', id: 'submit-job', text: 'Start training'});
+  const verdict = h('p', {class: 'hint', id: 'validation', role: 'status'});
   let idempotencyKey = newKey();
+  let check = null; // the pending live validation: {timer, controller}
 
   function applyPreset(preset) {
     options.apply(preset.values(modelSelect.value));
@@ -65,6 +69,7 @@ function jobForm(schema, models, datasets, ctx) {
     const values = options.values();
     presetNote.textContent = `${preset.label}: ${preset.note}. ` + ['resolution', 'max_train_steps', 'rank', 'learning_rate']
       .filter((key) => key in values).map((key) => `${key.replaceAll('_', ' ')} ${values[key]}`).join(', ');
+    validateSoon();
   }
 
   function clearErrors() {
@@ -73,7 +78,7 @@ function jobForm(schema, models, datasets, ctx) {
     options.clearErrors();
   }
 
-  function showErrors(error) {
+  function showErrors(error, {quiet = false} = {}) {
     const isField = (name) => name in errors || options.fields.has(name);
     const {fields, rest} = splitMessage(error.message, isField);
     if (error.status === 404 && /^dataset /.test(error.message)) fields.set('dataset_id', error.message);
@@ -92,15 +97,54 @@ function jobForm(schema, models, datasets, ctx) {
     }
     const summary = fields.size ? `The server refused ${fields.size === 1 ? 'a field' : `${fields.size} fields`}; see the message next to each.` : '';
     replace(general, h('p', {class: 'notice error'}, [summary, ...rest].filter(Boolean).join(' ') || error.message));
+    if (quiet) return; // checked while typing: never move the focus away from the field in use
     (first ?? general).scrollIntoView?.({block: 'center'});
     first?.focus?.({preventScroll: true});
   }
 
-  async function onSubmit(event) {
-    event.preventDefault();
-    clearErrors();
+  function requestBody() {
     const body = {dataset_id: datasetSelect.value, base_model: modelSelect.value, options: options.values()};
     if (nameInput.value.trim()) body.name = nameInput.value.trim();
+    return body;
+  }
+
+  /** Ask the server, a moment after the last change, whether this submission would be accepted. */
+  function validateSoon() {
+    if (check) {
+      clearTimeout(check.timer);
+      check.controller.abort();
+    }
+    const controller = new AbortController();
+    ctx.signal.addEventListener('abort', () => controller.abort(), {once: true});
+    check = {controller, timer: setTimeout(() => validateNow(controller), 400)};
+  }
+
+  async function validateNow(controller) {
+    const body = requestBody();
+    if (!body.dataset_id) return;
+    try {
+      const checked = await post('/v1/jobs/validate', body, {signal: controller.signal});
+      clearErrors();
+      verdict.textContent = `Looks good: ${checked.total_steps} steps at resolution ${checked.config.resolution}.`;
+    } catch (error) {
+      if (isAbort(error) || controller.signal.aborted) return;
+      verdict.textContent = '';
+      if (error instanceof ApiError && (error.status === 422 || error.status === 404)) {
+        clearErrors();
+        showErrors(error, {quiet: true});
+      }
+    }
+  }
+
+  async function onSubmit(event) {
+    event.preventDefault();
+    if (check) {
+      clearTimeout(check.timer);
+      check.controller.abort();
+    }
+    clearErrors();
+    verdict.textContent = '';
+    const body = requestBody();
     if (!body.dataset_id) {
       errors.dataset_id.textContent = 'Choose a dataset or upload one.';
       datasetSelect.focus();
@@ -122,7 +166,8 @@ function jobForm(schema, models, datasets, ctx) {
     }
   }
 
-  return h('form', {class: 'job-form', id: 'job-form', novalidate: true, onsubmit: onSubmit},
+  return h('form', {class: 'job-form', id: 'job-form', novalidate: true, onsubmit: onSubmit,
+    oninput: validateSoon, onchange: validateSoon},
     general,
     h('section', {class: 'card'}, h('h2', {text: '1. Dataset'}),
       h('div', {class: 'field'}, h('label', {for: 'dataset', text: 'Use a dataset'}), datasetSelect, errors.dataset_id),
@@ -133,7 +178,7 @@ function jobForm(schema, models, datasets, ctx) {
         h('div', {class: 'field'}, h('label', {for: 'job-name', text: 'Job name'}), nameInput, errors.name))),
     h('section', {class: 'card'}, h('h2', {text: '3. Training'}),
       h('div', {class: 'chips', role: 'group', 'aria-label': 'Presets'}, presetButtons), presetNote, advanced),
-    h('div', {class: 'submit-bar'}, submit));
+    h('div', {class: 'submit-bar'}, verdict, submit));
 }
 
 /** A random Idempotency-Key: a double click or a resent request makes one job, not two. */
