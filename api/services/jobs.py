@@ -146,7 +146,6 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
     digest = request_hash(body)
     if key is not None and (existing := _by_key(session, owner, key)) is not None:
         return _replay(existing, digest, key), False
-    check_queued_jobs(session, settings, owner)
     dataset, config, steps = check_submission(session, settings, principal, body)
     job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
               config=checked_options(config), total_steps=steps, state=JobState.queued.value,
@@ -154,6 +153,7 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
     session.add(job)
     try:
         session.flush()
+        check_queued_jobs(session, settings, owner)
         event = events.append_event(session, job.id, events.STATE, {"state": JobState.queued.value})
         session.commit()
     except IntegrityError:
@@ -300,7 +300,6 @@ def retry_job(session: Session, settings: Settings, redis, celery: Celery, job: 
     state = JobState(job.state)
     if state not in (JobState.failed, JobState.canceled):
         raise Conflict(f"job {job.id} is {state.value}; only failed or canceled jobs can be retried")
-    check_queued_jobs(session, settings, job.owner)
     attempt = job.attempt + 1
     # A user's retry starts a new series of attempts: the automatic cap counts from here.
     event = transition(session, job.id, state, JobState.queued, attempt=job.attempt, new_attempt=attempt,
@@ -309,6 +308,7 @@ def retry_job(session: Session, settings: Settings, redis, celery: Celery, job: 
     if event is None:
         session.rollback()
         raise Conflict(f"job {job.id} changed state meanwhile (now {_reload(session, job).state}); try again")
+    check_queued_jobs(session, settings, job.owner)
     session.commit()
     try:  # a flag left from an earlier cancel must not stop the new attempt
         redis.delete(cancel_key(job.id))

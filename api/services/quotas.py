@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import hashlib
+
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from loraq.errors import QuotaExceeded, TooLarge
@@ -24,11 +26,22 @@ def storage_used(session: Session, owner: str) -> int:
 
 
 def check_queued_jobs(session: Session, settings: Settings, owner: str) -> None:
-    """429 when queueing one more job would put `owner` over LORAQ_MAX_QUEUED_JOBS."""
+    """429 when `owner` now has more than LORAQ_MAX_QUEUED_JOBS queued. Call it after the job being
+    queued is flushed and before the commit: it rolls back when over. Submissions of one owner are
+    serialized up to their commit (SQLite: the insert's write lock; PostgreSQL: an advisory lock),
+    so racing submissions cannot all pass on the same count."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(owner)})
     count = queued_jobs(session, owner)
-    if count >= settings.max_queued_jobs:
-        raise QuotaExceeded(f"queued jobs limit: {owner} has {count} jobs queued and the limit is "
+    if count > settings.max_queued_jobs:
+        session.rollback()
+        raise QuotaExceeded(f"queued jobs limit: {owner} has {count - 1} jobs queued and the limit is "
                             f"{settings.max_queued_jobs} (LORAQ_MAX_QUEUED_JOBS); wait for some to start")
+
+
+def _lock_key(owner: str) -> int:
+    """A stable signed 64-bit advisory-lock key for the owner's queue."""
+    return int.from_bytes(hashlib.sha256(f"loraq:queued:{owner}".encode()).digest()[:8], "big", signed=True)
 
 
 def check_storage(session: Session, settings: Settings, owner: str, adding: int) -> None:

@@ -184,6 +184,16 @@ def test_queued_jobs_limit_is_a_429_naming_it(make_client, settings, submit, ses
     assert response.status_code == 429 and "queued jobs limit" in response.text
 
 
+def test_racing_submissions_cannot_pass_the_queued_jobs_limit_together(make_client, settings, submit, session):
+    from support.hostile import same_time
+
+    client = make_client(settings.model_copy(update={"max_queued_jobs": 3}))
+    responses = same_time(12, lambda i: submit({"resolution": 32, "seed": i}, to=client))
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [201] * 3 + [429] * 9, [r.text[:200] for r in responses]
+    assert len(list(session.scalars(select(Job).where(Job.state == "queued")))) == 3
+
+
 def test_storage_limit_is_a_413_naming_it_and_leaves_nothing(make_client, settings, upload, png, client):
     small = make_client(settings.model_copy(update={"max_storage_bytes": 3000}))
 
