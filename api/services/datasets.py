@@ -67,7 +67,6 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
     os.replace(root, final)
     try:
         total_bytes = sum(path.stat().st_size for path in _files(final))
-        check_storage(session, settings, owner, total_bytes)
         dataset = Dataset(
             id=dataset_id, owner=owner, name=upload.name or _default_name(upload, dataset_id),
             image_count=report.image_count, captioned_count=report.captioned_count,
@@ -78,6 +77,8 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
                 "thumbnails": thumbnails, "captions": [c.model_dump() for c in captions]}},
         )
         session.add(dataset)
+        session.flush()
+        check_storage(session, settings, owner, total_bytes, recorded=True)
         session.commit()
     except BaseException:
         session.rollback()

@@ -30,8 +30,7 @@ def check_queued_jobs(session: Session, settings: Settings, owner: str) -> None:
     queued is flushed and before the commit: it rolls back when over. Submissions of one owner are
     serialized up to their commit (SQLite: the insert's write lock; PostgreSQL: an advisory lock),
     so racing submissions cannot all pass on the same count."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(owner)})
+    serialize(session, "queued", owner)
     count = queued_jobs(session, owner)
     if count > settings.max_queued_jobs:
         session.rollback()
@@ -39,14 +38,20 @@ def check_queued_jobs(session: Session, settings: Settings, owner: str) -> None:
                             f"{settings.max_queued_jobs} (LORAQ_MAX_QUEUED_JOBS); wait for some to start")
 
 
-def _lock_key(owner: str) -> int:
-    """A stable signed 64-bit advisory-lock key for the owner's queue."""
-    return int.from_bytes(hashlib.sha256(f"loraq:queued:{owner}".encode()).digest()[:8], "big", signed=True)
+def serialize(session: Session, limit: str, owner: str) -> None:
+    """Hold the owner's lock for `limit` until the transaction ends. On PostgreSQL an advisory
+    lock; on SQLite the transaction's first write already holds the one write lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"loraq:{limit}:{owner}".encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
-def check_storage(session: Session, settings: Settings, owner: str, adding: int) -> None:
-    """413 when `adding` more bytes would put `owner` over LORAQ_MAX_STORAGE_BYTES."""
-    used = storage_used(session, owner)
+def check_storage(session: Session, settings: Settings, owner: str, adding: int, recorded: bool = False) -> None:
+    """413 when `adding` bytes put `owner` over LORAQ_MAX_STORAGE_BYTES. With `recorded`, the new
+    row is already flushed (and counted): the check is then serialized per owner like the queue's."""
+    if recorded:
+        serialize(session, "storage", owner)
+    used = storage_used(session, owner) - (adding if recorded else 0)
     limit = settings.max_storage_bytes
     if used + adding > limit or used >= limit:
         raise TooLarge(f"storage limit: {owner} stores {used} bytes, this upload adds {adding}, and the limit "

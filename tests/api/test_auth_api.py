@@ -212,6 +212,21 @@ def test_storage_limit_is_a_413_naming_it_and_leaves_nothing(make_client, settin
     assert upload({"a.png": png(8, 8)}, to=small).status_code == 201
 
 
+def test_racing_uploads_cannot_pass_the_storage_limit_together(make_client, settings, upload, png, client):
+    from support.hostile import same_time
+
+    files = {"a.png": png(64, 64), "a.txt": "a red square"}
+    first = upload(files)
+    assert first.status_code == 201
+    size = first.json()["total_bytes"]
+    assert client.delete(f"/v1/datasets/{first.json()['id']}").status_code == 204
+    small = make_client(settings.model_copy(update={"max_storage_bytes": int(size * 2.5)}))
+    responses = same_time(6, lambda _: upload(files, to=small))
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [201] * 2 + [413] * 4, [r.text[:200] for r in responses]
+    assert client.get("/v1/datasets").json()["total"] == 2
+
+
 def test_admin_cli_creates_lists_and_revokes_keys(client, settings):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAQ_DATA_DIR": str(settings.data_dir)}
     if settings.database_url:
