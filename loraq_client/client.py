@@ -88,6 +88,8 @@ class Job:
     attempt: int = 1
     worker: str | None = None
     queue_position: int | None = None
+    images_per_s: float | None = None  # while running
+    eta_s: float | None = None  # while running: seconds left at the pace of the last steps
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -268,6 +270,13 @@ def resolve(url: str | None = None, api_key: str | None = None) -> tuple[str, st
     return url, key
 
 
+def _job_body(dataset_id: str, base_model: str, options: dict | None, name: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"dataset_id": dataset_id, "base_model": base_model, "options": options or {}}
+    if name is not None:
+        body["name"] = name
+    return body
+
+
 class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None, reconnect_delay: float = 1.0,
@@ -385,11 +394,16 @@ class Client:
 
     def create_job(self, dataset_id: str, base_model: str, options: dict | None = None, name: str | None = None,
                    idempotency_key: str | None = None) -> Job:
-        body: dict[str, Any] = {"dataset_id": dataset_id, "base_model": base_model, "options": options or {}}
-        if name is not None:
-            body["name"] = name
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _job_body(dataset_id, base_model, options, name)
         return _build(Job, self._request("POST", "/v1/jobs", json=body, headers=headers).json())
+
+    def validate_job(self, dataset_id: str, base_model: str, options: dict | None = None,
+                     name: str | None = None) -> dict:
+        """What create_job would train ({"total_steps", "config"}), or the LoraqError it would
+        raise; nothing is queued."""
+        body = _job_body(dataset_id, base_model, options, name)
+        return self._request("POST", "/v1/jobs/validate", json=body).json()
 
     def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> Page:
         params: dict[str, Any] = {"limit": limit, "offset": offset}

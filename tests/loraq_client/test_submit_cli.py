@@ -6,7 +6,9 @@ import hashlib
 import json
 import time
 
-from loraq_client import Client
+import pytest
+
+from loraq_client import Client, LoraqError
 
 
 def test_submit_wait_download_and_inspect(service, loraq, dataset_folder, tmp_path):
@@ -46,6 +48,12 @@ def test_submit_wait_download_and_inspect(service, loraq, dataset_folder, tmp_pa
     with Client(service.url, service.api_key) as client:
         client.http.event_hooks["response"].append(lambda r: statuses.append(r.status_code))
         target = client.download(job_id, lora.name, again)
+        # Options checked without queueing: the count of steps, or the submit's own error
+        assert client.validate_job(job["dataset_id"], "tiny-sd", {"resolution": 32, "max_train_steps": 7}
+                                   )["total_steps"] == 7
+        with pytest.raises(LoraqError) as refused:
+            client.validate_job(job["dataset_id"], "tiny-sd", {"resolution": 30})
+        assert refused.value.status == 422 and "multiple of 8" in str(refused.value)
     assert target.read_bytes() == whole and 206 in statuses
     assert not (again / (lora.name + ".part")).exists()
     fetched = loraq.run("download", job_id, "-o", str(tmp_path / "dl"))
