@@ -64,3 +64,32 @@ export function toast(message, kind = 'info') {
   box.append(item);
   setTimeout(() => item.remove(), kind === 'error' ? 8000 : 4000);
 }
+
+/**
+ * Ask before something that cannot be undone, in a modal <dialog> (Esc, Cancel or a click
+ * outside say no; the safe answer has the focus). Resolves to true for the `action` button.
+ * `signal` (the page's) closes it unanswered when the user leaves the page meanwhile.
+ */
+export function confirmDialog({title, message, action = 'Delete', signal} = {}) {
+  const cancel = h('button', {type: 'submit', value: 'cancel', text: 'Cancel', autofocus: true});
+  const confirm = h('button', {type: 'submit', value: 'confirm', class: 'danger solid', text: action});
+  const dialog = h('dialog', {class: 'confirm', 'aria-labelledby': 'confirm-title', 'aria-describedby': 'confirm-message'},
+    h('form', {method: 'dialog'},
+      h('h2', {id: 'confirm-title', text: title}),
+      h('p', {id: 'confirm-message', text: message}),
+      h('div', {class: 'actions'}, cancel, confirm)));
+  // A click on the backdrop lands on the dialog itself (the form fills its box).
+  dialog.addEventListener('click', (event) => { if (event.target === dialog) dialog.close('cancel'); });
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve(false);
+    const stop = () => dialog.close('cancel');
+    signal?.addEventListener('abort', stop, {once: true});
+    dialog.addEventListener('close', () => {
+      signal?.removeEventListener('abort', stop);
+      dialog.remove();
+      resolve(dialog.returnValue === 'confirm');
+    }, {once: true});
+    document.body.append(dialog);
+    dialog.showModal();
+  });
+}

@@ -123,3 +123,40 @@ def test_server_messages_reach_the_page(service, browse, api_key, tmp_path):
     if api_key != "no-auth-yet":  # a refused key: a message on the form; a 401 later: back to it
         assert "refused" in seen["wrong_key_message"]
         assert "refused" in seen["flash"] and seen["key_after_401"] is None
+
+
+def test_delete_jobs_and_a_dataset(service, browse, tmp_path):
+    # given a dataset, two jobs on it that were canceled and one that is active
+    dataset_id = upload(service, tmp_path)
+    finished = [submit(service, dataset_id, max_train_steps=5000) for _ in range(2)]
+    for job in finished:
+        assert service.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    for job in finished:
+        service.wait_for(job["id"], {"canceled"})
+    active = submit(service, dataset_id, max_train_steps=5000)
+    name = service.client.get(f"/v1/datasets/{dataset_id}").json()["name"]
+
+    # when the browser deletes the dataset (refused), one job from the jobs list, the other from
+    # its page, then cancels and deletes the active one, and deletes the dataset
+    seen = browse("delete_things.mjs", dataset_id=dataset_id, list_job_id=finished[0]["id"],
+                  page_job_id=finished[1]["id"], active_job_id=active["id"])
+
+    # then each delete asked first, with the safe answer focused
+    assert seen["dataset_dialog"] == f"Delete {name}?" and seen["dialog_focus"] == "Cancel"
+    assert seen["job_dialog"].startswith("Delete ") and seen["kept_after_cancel"] is True
+
+    # the dataset in use was refused with the server's message on its card
+    assert f"dataset {dataset_id} is used by 3 job(s)" in seen["in_use_message"], seen["in_use_message"]
+
+    # the row went at once and stayed gone; an active job offered no delete
+    assert seen["row_after_poll"] is False and seen["same_document"] is True
+    assert seen["toast"].startswith("Deleted ") and seen["active_delete_visible"] is False
+
+    # the job page went back to the list, and Back did not lead to the deleted job
+    assert seen["job_page_delete_visible"] and seen["page_job_row"] is False and seen["path_after_back"] in ("/", "/jobs")  # the list it came from
+
+    # and the server has none of them
+    for job in [*finished, active]:
+        assert service.client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert service.client.get(f"/v1/datasets/{dataset_id}").status_code == 404
+    assert seen["empty_jobs"].startswith("No jobs yet") and seen["empty_datasets"].startswith("No datasets yet")

@@ -1,7 +1,7 @@
-// Pieces the pages share: job actions, dataset names, error notices.
+// Pieces the pages share: job actions (delete too), dataset names, error notices.
 
-import {getAll, isAbort, post} from '../api.js';
-import {h, toast} from '../dom.js';
+import {getAll, isAbort, post, request} from '../api.js';
+import {confirmDialog, h, toast} from '../dom.js';
 
 export const FINAL_STATES = new Set(['succeeded', 'failed', 'canceled']);
 export const STATES = ['queued', 'running', 'canceling', 'succeeded', 'failed', 'canceled'];
@@ -14,6 +14,10 @@ export function canRetry(job) {
   return job.state === 'failed' || job.state === 'canceled';
 }
 
+export function canDelete(job) {
+  return FINAL_STATES.has(job.state);
+}
+
 /** POST cancel or retry; resolves to the job as the server now has it (or null on failure). */
 export async function jobAction(job, action) {
   try {
@@ -23,6 +27,29 @@ export async function jobAction(job, action) {
   } catch (error) {
     if (!isAbort(error)) toast(`Could not ${action}: ${error.message}`, 'error');
     return null;
+  }
+}
+
+/**
+ * Ask in a dialog, then DELETE the job; resolves to true once it is gone (a 404: gone already).
+ * The server refuses (409) while the job is active: its message goes to a toast.
+ */
+export async function deleteJob(job, signal) {
+  const title = jobTitle(job);
+  const sure = await confirmDialog({signal, title: `Delete ${title}?`,
+    message: `The job is deleted with its LoRA, checkpoints, validation images, logs and metrics. This cannot be undone.`});
+  if (!sure) return false;
+  try {
+    await request('DELETE', `/v1/jobs/${encodeURIComponent(job.id)}`);
+    toast(`Deleted ${title}`);
+    return true;
+  } catch (error) {
+    if (error.status === 404) {
+      toast(`${title} was already deleted`);
+      return true;
+    }
+    if (!isAbort(error)) toast(`Could not delete ${title}: ${error.message}`, 'error');
+    return false;
   }
 }
 

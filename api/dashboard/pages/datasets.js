@@ -1,7 +1,8 @@
-// Datasets: each with its thumbnails, image and caption counts and a caption preview.
+// Datasets: each with its thumbnails, image and caption counts and a caption preview, and a
+// delete (refused while a job refers to it: the server's message shows on the card).
 
-import {get, getAll, imageUrl, isAbort} from '../api.js';
-import {h, replace} from '../dom.js';
+import {get, getAll, imageUrl, isAbort, request} from '../api.js';
+import {confirmDialog, h, replace, toast} from '../dom.js';
 import * as fmt from '../format.js';
 import {errorNotice} from './common.js';
 import {reportSummary} from './report.js';
@@ -24,12 +25,16 @@ export async function datasetsPage(main, ctx) {
     replace(list, errorNotice(error) ?? '');
     return;
   }
+  const empty = () => h('p', {class: 'empty', text: 'No datasets yet. Upload one from New job.'});
   if (!datasets.length) {
-    list.append(h('p', {class: 'empty', text: 'No datasets yet. Upload one from New job.'}));
+    list.append(empty());
     return;
   }
+  const removed = () => {
+    if (!list.querySelector('.dataset-card')) list.append(empty());
+  };
   const cards = datasets.map((dataset) => {
-    const card = datasetCard(dataset);
+    const card = datasetCard(dataset, ctx.signal, removed);
     list.append(card);
     return card;
   });
@@ -44,10 +49,12 @@ export async function datasetsPage(main, ctx) {
   await Promise.all(Array.from({length: PARALLEL}, fill));
 }
 
-function datasetCard(dataset) {
+function datasetCard(dataset, signal, removed) {
   const thumbs = h('div', {class: 'thumbs'});
   const captions = h('ul', {class: 'captions'});
   const report = h('div');
+  const problem = h('p', {class: 'notice error card-problem', role: 'alert', hidden: true});
+  const remove = h('button', {type: 'button', class: 'small danger', text: 'Delete', 'aria-label': `Delete ${dataset.name}`});
   const uncaptioned = dataset.image_count - dataset.captioned_count;
   const card = h('article', {class: 'card dataset-card', dataset: {datasetId: dataset.id}},
     h('div', {class: 'dataset-head'},
@@ -58,9 +65,35 @@ function datasetCard(dataset) {
       h('span', {class: `count${uncaptioned ? ' warn' : ''}`, text: `${dataset.captioned_count} captioned`}),
       uncaptioned ? h('span', {class: 'count warn', text: `${uncaptioned} without caption`}) : null,
       h('span', {class: 'count', text: fmt.bytes(dataset.total_bytes)})),
-    thumbs, captions, report,
+    thumbs, captions, report, problem,
     h('div', {class: 'dataset-foot'}, h('span', {class: 'muted small mono', text: `id ${dataset.id}`}),
-      h('a', {class: 'button small', href: `/jobs/new?dataset=${encodeURIComponent(dataset.id)}`, text: 'Train on it'})));
+      h('div', {class: 'actions'}, remove,
+        h('a', {class: 'button small', href: `/jobs/new?dataset=${encodeURIComponent(dataset.id)}`, text: 'Train on it'}))));
+
+  remove.addEventListener('click', async () => {
+    remove.disabled = true;
+    problem.hidden = true;
+    const sure = await confirmDialog({signal, title: `Delete ${dataset.name}?`,
+      message: `Its ${dataset.image_count} images and their captions are deleted from the server. This cannot be undone.`});
+    try {
+      if (!sure) return;
+      await request('DELETE', `/v1/datasets/${encodeURIComponent(dataset.id)}`);
+      toast(`Deleted ${dataset.name}`);
+      card.remove();
+      removed();
+    } catch (error) {
+      if (error.status === 404) { // gone already
+        card.remove();
+        removed();
+      } else if (!isAbort(error)) {
+        // 409: the server says how many jobs still use it
+        replace(problem, error.message, error.status === 409 ? [h('br'), h('a', {href: '/jobs', text: 'Go to Jobs'})] : null);
+        problem.hidden = false;
+      }
+    } finally {
+      remove.disabled = false;
+    }
+  });
 
   card.fill = async (urls, signal) => {
     try {

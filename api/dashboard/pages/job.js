@@ -1,13 +1,13 @@
 // Job detail: the live loss chart (raw and smoothed) and learning rate on a step axis; step,
 // epoch, images/s and ETA; validation images by step as they arrive; downloads; the config; the
-// error of a failed job; cancel and retry. Everything live comes from the job's event stream.
+// error of a failed job; cancel, retry and delete. Everything live comes from the job's event stream.
 
 import {get, isAbort} from '../api.js';
 import {lineChart, smooth} from '../chart.js';
 import {h, progressBar, replace, stateBadge} from '../dom.js';
 import * as fmt from '../format.js';
 import {followJobEvents} from '../sse.js';
-import {FINAL_STATES, canCancel, canRetry, errorNotice, jobAction, jobTitle} from './common.js';
+import {FINAL_STATES, canCancel, canDelete, canRetry, deleteJob, errorNotice, jobAction, jobTitle} from './common.js';
 import {configTable, downloadsList, sampleGallery} from './job-parts.js';
 
 const DRAW_MS = 150;
@@ -114,6 +114,7 @@ export function jobPage(main, ctx) {
     replace(view.badge, stateBadge(job.state));
     view.cancel.hidden = !canCancel(job);
     view.retry.hidden = !canRetry(job);
+    view.remove.hidden = !canDelete(job);
     view.error.hidden = !job.error;
     view.errorText.textContent = job.error || '';
     replace(view.config, configTable(job.config));
@@ -160,6 +161,13 @@ export function jobPage(main, ctx) {
   }
   view.cancel.addEventListener('click', () => act('cancel', view.cancel));
   view.retry.addEventListener('click', () => act('retry', view.retry));
+  view.remove.addEventListener('click', async () => {
+    view.remove.disabled = true;
+    const deleted = await deleteJob(job, ctx.signal);
+    view.remove.disabled = false;
+    if (deleted && !ctx.signal.aborted) ctx.navigate('/jobs', {replace: true}); // Back must not lead to a 404
+    else if (!deleted) loadJob(); // refused (409): it is active again, show it as it is
+  });
 
   loadJob().then((found) => {
     if (!found) return;
@@ -186,6 +194,7 @@ function layout(main) {
     live: h('span', {class: 'live muted small', 'aria-live': 'polite'}),
     cancel: h('button', {type: 'button', text: 'Cancel', hidden: true}),
     retry: h('button', {type: 'button', text: 'Retry', hidden: true}),
+    remove: h('button', {type: 'button', class: 'danger', text: 'Delete', hidden: true}),
     problem: h('div'),
     errorText: h('pre', {class: 'error-text'}),
     progress: progressBar(),
@@ -203,7 +212,7 @@ function layout(main) {
   main.append(
     h('p', {class: 'crumbs'}, h('a', {href: '/jobs', text: '← Jobs'})),
     h('div', {class: 'page-head'}, h('div', {class: 'title-line'}, view.title, view.badge, view.live),
-      h('div', {class: 'actions'}, view.cancel, view.retry)),
+      h('div', {class: 'actions'}, view.cancel, view.retry, view.remove)),
     view.problem, view.error,
     h('section', {class: 'card'}, view.progress, h('div', {class: 'stats'}, step, epoch, speed, eta, loss)),
     h('div', {class: 'grid-2'},

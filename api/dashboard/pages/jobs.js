@@ -1,10 +1,10 @@
 // Jobs: every job with its state, progress, last loss, ETA, base model, dataset and age,
-// polled every 2 s (rows update in place), filtered by state, with cancel and retry.
+// polled every 2 s (rows update in place), filtered by state, with cancel, retry and delete.
 
 import {get, isAbort} from '../api.js';
 import {h, progressBar, replace} from '../dom.js';
 import * as fmt from '../format.js';
-import {STATES, canCancel, canRetry, datasetNames, errorNotice, jobAction, jobTitle} from './common.js';
+import {STATES, canCancel, canDelete, canRetry, datasetNames, deleteJob, errorNotice, jobAction, jobTitle} from './common.js';
 
 const POLL_MS = 2000;
 const PAGE = 50;
@@ -34,6 +34,7 @@ export function jobsPage(main, ctx) {
 
   let timer = null;
   let stopped = false;
+  let latest = 0; // the newest refresh: an older one still in flight (a poll during an action) drops its answer
   ctx.onLeave(() => {
     stopped = true;
     clearTimeout(timer);
@@ -41,15 +42,17 @@ export function jobsPage(main, ctx) {
 
   async function refresh() {
     clearTimeout(timer);
+    const ticket = ++latest;
     try {
       const query = new URLSearchParams({limit: String(limit)});
       if (state) query.set('state', state);
       const page = await get(`/v1/jobs?${query}`, {signal: ctx.signal});
       await names.ensure(page.items.map((job) => job.dataset_id));
+      if (ticket !== latest) return;
       show(page);
       problem.replaceChildren();
     } catch (error) {
-      if (isAbort(error)) return;
+      if (isAbort(error) || ticket !== latest) return;
       replace(problem, errorNotice(error));
     }
     if (!stopped) timer = setTimeout(refresh, POLL_MS);
@@ -62,7 +65,7 @@ export function jobsPage(main, ctx) {
       seen.add(job.id);
       let row = rows.get(job.id);
       if (!row) {
-        row = jobRow(job, () => refresh());
+        row = jobRow(job, () => refresh(), ctx.signal);
         rows.set(job.id, row);
       }
       row.update(job, {eta: job.eta_s, dataset: names.name(job.dataset_id), now});
@@ -98,7 +101,7 @@ function filters(current) {
 }
 
 /** A table row that updates in place, so a button keeps its place between polls. */
-function jobRow(job, changed) {
+function jobRow(job, changed, signal) {
   const title = h('a', {class: 'job-title', href: `/jobs/${job.id}`});
   const sub = h('span', {class: 'muted small mono', text: fmt.shortId(job.id)});
   const badge = h('span');
@@ -109,6 +112,7 @@ function jobRow(job, changed) {
     age: h('td', {dataset: {label: 'Age'}})};
   const cancel = h('button', {type: 'button', class: 'small', text: 'Cancel'});
   const retry = h('button', {type: 'button', class: 'small', text: 'Retry'});
+  const remove = h('button', {type: 'button', class: 'small danger', text: 'Delete'});
   let current = job;
   const act = (action, button) => async () => {
     button.disabled = true;
@@ -118,13 +122,20 @@ function jobRow(job, changed) {
   };
   cancel.addEventListener('click', act('cancel', cancel));
   retry.addEventListener('click', act('retry', retry));
+  remove.addEventListener('click', async () => {
+    remove.disabled = true;
+    const deleted = await deleteJob(current, signal);
+    remove.disabled = false;
+    if (deleted) row.remove(); // at once; the refresh drops it from the list and the count
+    changed();
+  });
 
   const row = h('tr', {dataset: {jobId: job.id}},
     h('td', {class: 'job-cell', dataset: {label: 'Job'}}, title, sub),
     h('td', {dataset: {label: 'State'}}, badge, extra),
     h('td', {class: 'progress-cell', dataset: {label: 'Progress'}}, bar),
     cells.loss, cells.eta, cells.model, cells.dataset, cells.age,
-    h('td', {class: 'row-actions'}, cancel, retry));
+    h('td', {class: 'row-actions'}, cancel, retry, remove));
 
   row.update = (next, {eta: etaSeconds, dataset, now}) => {
     current = next;
@@ -143,6 +154,8 @@ function jobRow(job, changed) {
     cells.age.title = fmt.dateTime(next.queued_at);
     cancel.hidden = !canCancel(next);
     retry.hidden = !canRetry(next);
+    remove.hidden = !canDelete(next);
+    remove.setAttribute('aria-label', `Delete ${jobTitle(next)}`);
   };
   return row;
 }
