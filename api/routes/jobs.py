@@ -38,10 +38,11 @@ def validate_job(body: JobCreate, session: SessionDep, settings: SettingsDep, pr
 
 @router.get("", responses=ERRORS)
 def list_jobs(session: SessionDep, principal: PrincipalDep, state: JobState | None = None,
+              dataset_id: Annotated[str | None, Query(max_length=64, description="only this dataset's jobs")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> JobList:
     """Your jobs (an admin's: everyone's), most recently queued first; `total` counts every match."""
-    items, total = service.list_jobs(session, principal, state, limit, offset)
+    items, total = service.list_jobs(session, principal, state, limit, offset, dataset_id)
     return JobList(items=items, total=total, limit=limit, offset=offset)
 
 

@@ -295,7 +295,8 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
     """Delete the row and files; 409 while any job (finished ones too) refers to the dataset."""
     jobs = session.scalar(select(func.count()).select_from(Job).where(Job.dataset_id == dataset.id))
     if jobs:
-        raise Conflict(f"dataset {dataset.id} is used by {jobs} job(s); delete those jobs first")
+        raise Conflict(f"dataset {dataset.name!r} ({dataset.id}) is used by {jobs} job(s); delete those jobs "
+                       f"first (GET /v1/jobs?dataset_id={dataset.id} lists them)")
     session.delete(dataset)
     try:
         session.commit()

@@ -232,12 +232,14 @@ def show_job(session: Session, job: Job) -> JobOut:
     return job_out(job, queue_position(session, job), job_speed(session, job))
 
 
-def list_jobs(session: Session, principal: Principal, state: JobState | None, limit: int, offset: int
-              ) -> tuple[list[JobOut], int]:
+def list_jobs(session: Session, principal: Principal, state: JobState | None, limit: int, offset: int,
+              dataset_id: str | None = None) -> tuple[list[JobOut], int]:
     """A page of the jobs `principal` sees, most recently queued first, and how many match in all."""
     query = select(Job).where(visible(Job, principal))
     if state is not None:
         query = query.where(Job.state == state.value)
+    if dataset_id is not None:
+        query = query.where(Job.dataset_id == dataset_id)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     jobs = list(session.scalars(query.order_by(Job.queued_at.desc(), Job.id.desc()).limit(limit).offset(offset)))
     positions: dict[str, int] = {}

@@ -230,3 +230,6 @@ def test_dataset_used_by_a_job_cannot_be_deleted(client, session, dataset_id, su
     response = client.delete(f"/v1/datasets/{dataset_id}")
 
     assert response.status_code == 409 and "used by 1 job(s)" in error_of(response)
+    listed = client.get("/v1/jobs", params={"dataset_id": dataset_id}).json()
+    assert f"?dataset_id={dataset_id}" in error_of(response) and [j["id"] for j in listed["items"]] == [job["id"]]
+    assert client.get("/v1/jobs", params={"dataset_id": "0" * 32}).json()["total"] == 0

@@ -26,6 +26,13 @@ run(async (t) => {
   t.result.in_use_message = await (await page.waitForSelector(`${card} .card-problem:not([hidden])`)).textContent();
   t.step('dataset refused');
   await t.screenshot('dataset-in-use');
+  // Its link lists just that dataset's jobs.
+  await page.click(`${card} a:has-text("See those jobs")`);
+  await page.waitForSelector('#dataset-filter');
+  await until(() => page.$$eval('tr[data-job-id]', (rows) => rows.length === 3), {what: "the dataset's three jobs"});
+  t.result.filter_label = await page.textContent('#dataset-filter');
+  t.result.filtered_path = new URL(page.url()).pathname + new URL(page.url()).search;
+  await t.screenshot('jobs-of-dataset');
 
   // A finished job from its row: Cancel in the dialog keeps it, Delete removes it in place.
   await page.click('nav >> text=Jobs');

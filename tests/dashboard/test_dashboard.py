@@ -146,7 +146,9 @@ def test_delete_jobs_and_a_dataset(service, browse, tmp_path):
     assert seen["job_dialog"].startswith("Delete ") and seen["kept_after_cancel"] is True
 
     # the dataset in use was refused with the server's message on its card
-    assert f"dataset {dataset_id} is used by 3 job(s)" in seen["in_use_message"], seen["in_use_message"]
+    assert f"({dataset_id}) is used by 3 job(s)" in seen["in_use_message"], seen["in_use_message"]
+    # and its link listed exactly that dataset's three jobs
+    assert seen["filtered_path"] == f"/jobs?dataset={dataset_id}" and name in seen["filter_label"]
 
     # the row went at once and stayed gone; an active job offered no delete
     assert seen["row_after_poll"] is False and seen["same_document"] is True

@@ -87,7 +87,7 @@ function datasetCard(dataset, signal, removed) {
         removed();
       } else if (!isAbort(error)) {
         // 409: the server says how many jobs still use it
-        replace(problem, error.message, error.status === 409 ? [h('br'), h('a', {href: '/jobs', text: 'Go to Jobs'})] : null);
+        replace(problem, error.message, error.status === 409 ? [h('br'), h('a', {href: `/jobs?dataset=${encodeURIComponent(dataset.id)}`, text: 'See those jobs'})] : null);
         problem.hidden = false;
       }
     } finally {

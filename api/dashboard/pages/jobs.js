@@ -11,6 +11,7 @@ const PAGE = 50;
 
 export function jobsPage(main, ctx) {
   const state = STATES.includes(ctx.query.get('state')) ? ctx.query.get('state') : '';
+  const dataset = ctx.query.get('dataset') || ''; // only this dataset's jobs (from the datasets page)
   let limit = PAGE;
   const rows = new Map(); // job id -> row
   const names = datasetNames(ctx.signal);
@@ -25,7 +26,8 @@ export function jobsPage(main, ctx) {
 
   main.append(
     h('div', {class: 'page-head'}, h('h1', {text: 'Jobs'}), h('a', {class: 'button primary', href: '/jobs/new', text: 'New job'})),
-    filters(state),
+    filters(state, dataset),
+    dataset ? datasetFilter(dataset, state, names) : '',
     problem,
     h('div', {class: 'table-wrap'}, table),
     empty,
@@ -46,6 +48,7 @@ export function jobsPage(main, ctx) {
     try {
       const query = new URLSearchParams({limit: String(limit)});
       if (state) query.set('state', state);
+      if (dataset) query.set('dataset_id', dataset);
       const page = await get(`/v1/jobs?${query}`, {signal: ctx.signal});
       await names.ensure(page.items.map((job) => job.dataset_id));
       if (ticket !== latest) return;
@@ -91,9 +94,24 @@ export function jobsPage(main, ctx) {
   refresh();
 }
 
-function filters(current) {
+function jobsUrl(state, dataset) {
+  const query = new URLSearchParams();
+  if (state) query.set('state', state);
+  if (dataset) query.set('dataset', dataset);
+  return query.size ? `/jobs?${query}` : '/jobs';
+}
+
+/** "Dataset: pets ×": the list shows one dataset's jobs; the × shows every dataset's again. */
+function datasetFilter(dataset, state, names) {
+  const label = h('span', {text: `Dataset: ${dataset.slice(0, 8)}…`});
+  names.ensure([dataset]).then(() => { if (names.name(dataset)) label.textContent = `Dataset: ${names.name(dataset)}`; });
+  return h('p', {class: 'filters', id: 'dataset-filter'},
+    h('span', {class: 'chip active'}, label, ' ', h('a', {href: jobsUrl(state, ''), 'aria-label': 'Show every dataset', text: '×'})));
+}
+
+function filters(current, dataset) {
   const link = (value, label) => h('a', {
-    href: value ? `/jobs?state=${value}` : '/jobs', class: `chip${value === current ? ' active' : ''}`,
+    href: jobsUrl(value, dataset), class: `chip${value === current ? ' active' : ''}`,
     'aria-current': value === current ? 'page' : null, text: label,
   });
   return h('nav', {class: 'filters', 'aria-label': 'Filter by state'},
