@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import redis
+import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -43,6 +44,10 @@ def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
+def get_async_redis(request: Request) -> redis.asyncio.Redis:
+    return request.app.state.async_redis
+
+
 def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
@@ -53,6 +58,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer lq_...`")
@@ -65,6 +71,7 @@ def get_principal(session: SessionDep,
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` "
                            "(the first admin key is in the server's data folder, file admin-key)")
     principal = authenticate(session, credentials.credentials)
+    session.commit()  # hand the connection back: the next step waits for a thread, not holding it
     if principal is None:
         raise Unauthorized("invalid or revoked API key")
     return principal
@@ -91,6 +98,7 @@ def _load(session: Session, principal: Principal, model, what: str, item_id: str
     row = None
     if _ID.fullmatch(item_id):
         row = session.scalar(select(model).where(model.id == item_id, visible(model, principal)))
+        session.commit()  # the row stays loaded (expire_on_commit=False); the connection goes back
     if row is None:
         raise NotFound(f"{what} {item_id} not found")
     return row

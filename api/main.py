@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -37,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                                socket_timeout=10, health_check_interval=30)
+        # Event streams wait on Redis without holding a thread: threads are for the sync routes.
+        app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                                             socket_timeout=10, health_check_interval=30)
         app.state.celery = make_celery(settings)
         announce_admin_key(settings, ensure_admin_key(settings, app.state.session_factory))
         try:
@@ -44,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.celery.close()
             app.state.redis.close()
+            await app.state.async_redis.aclose()
             engine.dispose()
 
     app = FastAPI(title="loraq", version="0.1.0", lifespan=lifespan,

@@ -2,7 +2,8 @@
 
 Measures, in one run on one machine: submit-to-succeeded wall time against the trainer alone on
 the same config; latency from the trainer emitting a step to an SSE client receiving it (p50,
-p99); and `GET /v1/jobs` requests per second with p99 latency at 50 concurrent clients.
+p99); `GET /v1/jobs` requests per second with p99 latency at 50 concurrent clients; and the
+latency of `GET /v1/jobs` while a job trains, with no event stream open and with many open.
 Writes its section of BENCHMARKS.md.
 """
 
@@ -99,11 +100,63 @@ async def load_jobs_list(url: str, headers: dict, clients: int, seconds: float) 
     return round(len(latencies) / elapsed), latencies, errors
 
 
+FIRST_EVENT_WAIT_S = 30.0
+
+
+async def list_latency_beside_streams(url: str, headers: dict, job_id: str, streams: int, requests: int
+                                      ) -> tuple[int, float | None, list[float]]:
+    """With `streams` clients following the job's events: how many got their first event within
+    FIRST_EVENT_WAIT_S, how long until all had (None: not all did), and the latencies of
+    `requests` sequential `GET /v1/jobs` made after that (a request past 30 s counts as 30 s)."""
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+        served = 0
+        all_served = asyncio.Event()
+
+        async def follow():
+            nonlocal served
+            try:
+                async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("id:"):
+                            served += 1
+                            if served == streams:
+                                all_served.set()
+                            break
+                    async for _line in response.aiter_lines():  # stay open, as a watching page does
+                        pass
+            except (httpx.HTTPError, asyncio.CancelledError):
+                pass
+
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(follow()) for _ in range(streams)]
+        if streams:
+            try:
+                await asyncio.wait_for(all_served.wait(), timeout=FIRST_EVENT_WAIT_S)
+            except TimeoutError:
+                pass
+        to_all = time.perf_counter() - started if served == streams else None
+        latencies = []
+        for _ in range(requests):
+            began = time.perf_counter()
+            try:
+                response = await client.get("/v1/jobs", params={"limit": 20}, timeout=30)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - began)
+            except httpx.TimeoutException:
+                latencies.append(30.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return served, to_all, latencies
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--streams", type=int, default=100, help="open event streams beside GET /v1/jobs")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
 
@@ -156,6 +209,15 @@ def main() -> int:
         reader.join(timeout=30)
         state = client.get(f"/v1/jobs/{job['id']}").json()["state"]
         rps, list_latencies, errors = asyncio.run(load_jobs_list(url, dict(client.headers), args.clients, args.seconds))
+
+        long_job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "base_model": "tiny-sd",
+                                                 "options": {**options, "max_train_steps": 100_000}}).json()
+        while client.get(f"/v1/jobs/{long_job['id']}").json()["state"] != "running":
+            time.sleep(0.1)
+        beside = {streams: asyncio.run(list_latency_beside_streams(url, dict(client.headers), long_job["id"],
+                                                                    streams, 40))
+                  for streams in (0, args.streams)}
+        client.post(f"/v1/jobs/{long_job['id']}/cancel")
     finally:
         client.close()
         for process in (worker, api):
@@ -187,6 +249,14 @@ def main() -> int:
         f"| `GET /v1/jobs` at {args.clients} concurrent clients, requests/s | {rps} |",
         f"| `GET /v1/jobs` latency p50 / p99, ms | {statistics.median(list_ms):.1f} / {percentile(list_ms, 99):.1f} |",
         f"| `GET /v1/jobs` non-200 responses | {errors} |",
+        f"| event streams opened on a training job / given their first event within {FIRST_EVENT_WAIT_S:.0f} s | "
+        f"{args.streams} / {beside[args.streams][0]} |",
+        f"| time until every stream had its first event, s | "
+        f"{'not within %.0f s' % FIRST_EVENT_WAIT_S if beside[args.streams][1] is None else '%.2f' % beside[args.streams][1]} |",
+        *[f"| `GET /v1/jobs` one at a time while a job trains, {n} event streams open: p50 / p99, ms | "
+          f"{statistics.median(v[2]) * 1000:.1f} / {percentile(v[2], 99) * 1000:.1f} |" for n, v in beside.items()],
+        f"| `GET /v1/jobs` p50, {args.streams} streams open / none | "
+        f"{statistics.median(beside[args.streams][2]) / statistics.median(beside[0][2]):.2f}x |",
         "",
         "The service's worker has torch and diffusers imported before the job arrives (it forks a",
         "warm child), so it beats the cold command; the overhead line is what queueing, the claim,",

@@ -13,7 +13,11 @@ def make_engine(settings: Settings) -> Engine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # No cap on connections: a request may hold one while it waits for a thread, and a capped
+        # pool then deadlocks against the thread pool under a burst (seen at 100 event streams).
+        # SQLite connections are only open files.
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               pool_size=10, max_overflow=-1)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -24,7 +28,8 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Room for every thread of the API's pool (40) and the requests waiting between steps.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=70)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
-from api.deps import OwnedJob, RedisDep, SessionFactoryDep
+from api.deps import AsyncRedisDep, OwnedJob, SessionFactoryDep
 from api.schemas import ERRORS, MAX_INT32
 from api.services.sse import job_event_stream
 from loraq.errors import Invalid
@@ -19,7 +19,7 @@ router = APIRouter(tags=["jobs"])
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "`id: <seq>`, `event: <type>`, `data: <json>` per event"},
                        **ERRORS})
-def job_events(job: OwnedJob, factory: SessionFactoryDep, redis: RedisDep,
+def job_events(job: OwnedJob, factory: SessionFactoryDep, redis: AsyncRedisDep,
                after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="resume after this seq")] = None,
                last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
     """Every stored event after Last-Event-ID (or `after`), then live ones; ends after a final state."""

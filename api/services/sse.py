@@ -3,7 +3,9 @@
 The database is the record: every event sent is read from it, in sequence order, so a resume
 with Last-Event-ID has no gap and no repeat, and a Redis restart loses nothing. The job's Redis
 stream is only the wake-up: a blocking XREAD (about a second) from the last entry seen, after
-which, woken or not, the database is read again. Blocking calls run in worker threads.
+which, woken or not, the database is read again. The wait is async (redis.asyncio), so an open
+stream holds no thread; only the short database reads run in worker threads, which the sync
+routes share.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
-import redis as redis_lib
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,26 +50,26 @@ def _read(factory: sessionmaker[Session], job_id: str, after: int) -> _Read:
         return _Read([(event.seq, event.type, event.data) for event in found], row.state, row.event_seq)
 
 
-def _stream_tail(redis: redis_lib.Redis, job_id: str) -> bytes | None:
+async def _stream_tail(redis: AsyncRedis, job_id: str) -> bytes | None:
     """The id of the stream's newest entry ("0-0" when empty); None when Redis does not answer."""
     try:
-        newest = redis.xrevrange(stream_key(job_id), count=1)
-    except redis_lib.RedisError:
+        newest = await redis.xrevrange(stream_key(job_id), count=1)
+    except (RedisError, OSError):
         return None
     return newest[0][0] if newest else b"0-0"
 
 
-def _wait(redis: redis_lib.Redis, job_id: str, entry_id: bytes | None) -> bytes | None:
-    """Block until the job's stream has an entry after `entry_id` or about a second passed."""
+async def _wait(redis: AsyncRedis, job_id: str, entry_id: bytes | None) -> bytes | None:
+    """Wait until the job's stream has an entry after `entry_id` or about a second passed."""
     if entry_id is None:
-        entry_id = _stream_tail(redis, job_id)
+        entry_id = await _stream_tail(redis, job_id)
         if entry_id is None:
-            time.sleep(BLOCK_MS / 1000)
+            await anyio.sleep(BLOCK_MS / 1000)
             return None
     try:
-        found = redis.xread({stream_key(job_id): entry_id}, count=100, block=BLOCK_MS)
-    except redis_lib.RedisError:
-        time.sleep(BLOCK_MS / 1000)
+        found = await redis.xread({stream_key(job_id): entry_id}, count=100, block=BLOCK_MS)
+    except (RedisError, OSError):
+        await anyio.sleep(BLOCK_MS / 1000)
         return None
     for _key, entries in found or ():
         if entries:
@@ -74,14 +77,14 @@ def _wait(redis: redis_lib.Redis, job_id: str, entry_id: bytes | None) -> bytes 
     return entry_id
 
 
-async def job_event_stream(factory: sessionmaker[Session], redis: redis_lib.Redis, job_id: str,
+async def job_event_stream(factory: sessionmaker[Session], redis: AsyncRedis, job_id: str,
                            after: int) -> AsyncIterator[str]:
     """SSE text for the job's events after `after`, following live ones.
 
     Ends once the job is in a final state and every event it has was sent (or the job is gone).
     """
     last = after
-    entry_id = await anyio.to_thread.run_sync(_stream_tail, redis, job_id)  # before reading: no lost wake-up
+    entry_id = await _stream_tail(redis, job_id)  # before reading: no lost wake-up
     quiet_since = time.monotonic()
     while True:
         read = await anyio.to_thread.run_sync(_read, factory, job_id, last)
@@ -97,4 +100,4 @@ async def job_event_stream(factory: sessionmaker[Session], redis: redis_lib.Redi
         if time.monotonic() - quiet_since >= KEEPALIVE_S:
             yield ": keep-alive\n\n"
             quiet_since = time.monotonic()
-        entry_id = await anyio.to_thread.run_sync(_wait, redis, job_id, entry_id)
+        entry_id = await _wait(redis, job_id, entry_id)
