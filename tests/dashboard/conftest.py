@@ -54,7 +54,9 @@ def screenshots(request) -> Path:
 
 @pytest.fixture
 def api_key(service) -> str:
-    return getattr(service, "api_key", None) or "no-auth-yet"
+    """The first admin key, which the server wrote on its first start: what a person pastes."""
+    assert service.api_key and service.api_key.startswith("lq_")
+    return service.api_key
 
 
 @pytest.fixture

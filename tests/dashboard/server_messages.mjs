@@ -1,21 +1,19 @@
 // Scenario: the server's messages reach the page. Options it refuses show its message next to
-// each field named (as they are typed, and again on submit), and no job is made; a job that fails at run time shows its error. With
-// authentication on, a wrong key is refused on the key form, and a key the server stops
+// each field named (as they are typed, and again on submit), and no job is made; a job that fails
+// at run time shows its error. A wrong key is refused on the key form, and a key the server stops
 // accepting sends the browser back to the key form with a message.
-// args: {dataset_id, failing_job_id, auth}
+// args: {dataset_id, failing_job_id}
 
 import {enterKey, run} from './harness.mjs';
 
 run(async (t) => {
   const {page, args} = t;
   t.allowConsole(/status of 422 .*@ https?:\/\/[^/]+\/v1\/jobs$/); // the refused submission itself
-  if (args.auth) {
-    t.allowConsole(/status of 401 .*@ https?:\/\/[^/]+\/v1\//); // the wrong keys, on purpose
-    await page.goto(`${t.url}/key`);
-    await page.fill('#api-key', 'lq_wrong-key');
-    await page.click('button[type=submit]');
-    t.result.wrong_key_message = await (await page.waitForSelector('#api-key-error:not(:empty)')).textContent();
-  }
+  t.allowConsole(/status of 401 .*@ https?:\/\/[^/]+\/v1\//); // the wrong keys, on purpose
+  await page.goto(`${t.url}/key`);
+  await page.fill('#api-key', 'lq_wrong-key');
+  await page.click('button[type=submit]');
+  t.result.wrong_key_message = await (await page.waitForSelector('#api-key-error:not(:empty)')).textContent();
   await enterKey(t);
 
   await page.goto(`${t.url}/jobs/new?dataset=${args.dataset_id}`);
@@ -44,11 +42,9 @@ run(async (t) => {
   t.result.failed_retry_visible = await page.isVisible('button:has-text("Retry")');
   await t.screenshot('job-failed');
 
-  if (args.auth) {
-    await page.evaluate(() => localStorage.setItem('loraq.apiKey', 'lq_revoked-or-wrong'));
-    await page.click('nav >> text=Jobs');
-    await page.waitForURL(/\/key\?next=/);
-    t.result.flash = await page.textContent('.notice.error');
-    t.result.key_after_401 = await page.evaluate(() => localStorage.getItem('loraq.apiKey'));
-  }
+  await page.evaluate(() => localStorage.setItem('loraq.apiKey', 'lq_revoked-or-wrong'));
+  await page.click('nav >> text=Jobs');
+  await page.waitForURL(/\/key\?next=/);
+  t.result.flash = await page.textContent('.notice.error');
+  t.result.key_after_401 = await page.evaluate(() => localStorage.getItem('loraq.apiKey'));
 });

@@ -33,9 +33,7 @@ export function keyPage(main, ctx) {
       keyStore.set(key, who);
     } catch (problem) {
       submit.disabled = false;
-      if (problem instanceof ApiError && problem.status === 404) {
-        keyStore.set(key, null); // a server without authentication: any key works
-      } else if (problem instanceof ApiError && problem.status === 401) {
+      if (problem instanceof ApiError && problem.status === 401) {
         return fail(`The server refused this key: ${problem.message}`);
       } else {
         return fail(problem.message || 'The server could not be reached.');
