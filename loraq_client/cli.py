@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from loraq_client import batch as batch_mod
-from loraq_client.client import FINAL_STATES, LORA_WEIGHTS, Client, Event, Job, LoraqError, as_dict
+from loraq_client.client import LORA_WEIGHTS, Client, Event, Job, LoraqError, as_dict
 
 STATES = ["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 out = Console(soft_wrap=True)

@@ -13,7 +13,6 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer import data
 from trainer.config import ConfigError, load_config
 from trainer.events import Event
 from trainer.losses import diffusion_loss, min_snr_weights, training_target
