@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from loraq.auth import OWNER_PATTERN
 from loraq.models import ArtifactKind, JobState
 
 
@@ -198,7 +199,7 @@ class WhoAmI(BaseModel):
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    owner: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+    owner: str = Field(min_length=1, max_length=64, pattern=f"^{OWNER_PATTERN.pattern}$",
                        description="who the key acts for: lowercase letters, digits, '_', '.', '-'")
     name: str | None = Field(default=None, max_length=200, pattern=NO_CONTROL_CHARS,
                              description="a note to tell keys apart, e.g. 'laptop'")

@@ -8,7 +8,6 @@ checked by an indexed lookup.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import secrets
@@ -23,8 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraq.errors import Invalid, NotFound
 from loraq.models import ApiKey, utcnow
 from loraq.settings import Settings
-
-log = logging.getLogger("loraq.auth")
 
 KEY_PREFIX = "lq_"
 ADMIN_OWNER = "admin"

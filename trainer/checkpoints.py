@@ -142,18 +142,24 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def disk_errno(error: BaseException) -> int | None:
-    """ENOSPC, EDQUOT or EFBIG when `error` (or what caused it) says the disk took no more bytes."""
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what caused it (`__cause__`, else `__context__`), each once."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-            return error.errno
-        text = str(error).lower()
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_errno(error: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG when `error` (or what caused it) says the disk took no more bytes."""
+    for link in error_chain(error):
+        if isinstance(link, OSError) and link.errno in DISK_ERRNOS:
+            return link.errno
+        text = str(link).lower()
         for needle, code in _DISK_TEXT.items():
             if needle in text:
                 return code
-        error = error.__cause__ or error.__context__
     return None
 
 

@@ -243,7 +243,7 @@ _WRITE_FAILURES = ("inline_container", "pytorchstreamwriter", "file write failed
 def write_failure_message(error: BaseException, output_dir: Path, log_path: Path | None = None) -> str | None:
     """A message naming the disk and the file, when `error` came from writing to a full disk (or
     past a quota or the file size limit); None for any other error."""
-    from trainer.checkpoints import DISK_ERRNOS, disk_errno
+    from trainer.checkpoints import DISK_ERRNOS, disk_errno, error_chain
 
     code = disk_errno(error)
     free = free_bytes(output_dir)
@@ -251,7 +251,7 @@ def write_failure_message(error: BaseException, output_dir: Path, log_path: Path
         code = errno.ENOSPC
     if code is None:
         return None
-    filename = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+    filename = next((e.filename for e in error_chain(error) if isinstance(e, OSError) and e.filename), None)
     target = _shown(Path(filename), output_dir) if filename else _newest_entry(output_dir, log_path)
     space = f"{free} bytes free where the job writes" if free is not None else "free space unknown"
     return (f"{DISK_ERRNOS[code]} while writing {target} ({space}); free some space and retry the job, "
@@ -268,17 +268,11 @@ def free_bytes(path: Path) -> int | None:
     return blocks * stats.f_frsize
 
 
-def _chain(error: BaseException | None):
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
 def _is_write_error(error: BaseException) -> bool:
+    from trainer.checkpoints import error_chain
+
     return any(isinstance(e, OSError) or any(text in str(e).lower() for text in _WRITE_FAILURES)
-               for e in _chain(error))
+               for e in error_chain(error))
 
 
 def _shown(path: Path, output_dir: Path) -> str:

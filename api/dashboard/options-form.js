@@ -32,26 +32,28 @@ const HELP = {
   seed: 'the same seed, data and options give the same run',
 };
 
+// What the portrait, style and object presets share: 512 px, an effective batch of 4, Min-SNR,
+// four validation images.
+const FULL_RUN = {resolution: 512, train_batch_size: 1, gradient_accumulation_steps: 4, learning_rate: 1e-4,
+  snr_gamma: 5, num_validation_images: 4, validation_inference_steps: 30};
+
 export const PRESETS = [
   {id: 'quick', label: 'Quick test', note: 'a few steps at low resolution: checks data and model end to end',
     values: (model) => ({resolution: model === 'tiny-sd' ? 32 : 256, train_batch_size: 1, max_train_steps: 50,
       lr_warmup_steps: 0, checkpointing_steps: 25, validation_prompt: 'a photo', validation_steps: 25,
       num_validation_images: 1, validation_inference_steps: 10, rank: 4})},
   {id: 'portrait', label: 'Portrait', note: 'a face or person: center crops, flips, gentle learning rate',
-    values: () => ({resolution: 512, train_batch_size: 1, gradient_accumulation_steps: 4, max_train_steps: 1500,
-      learning_rate: 1e-4, lr_scheduler: 'cosine', lr_warmup_steps: 100, rank: 16, center_crop: true,
-      random_flip: true, snr_gamma: 5, checkpointing_steps: 250, validation_prompt: 'a portrait photo of sks person',
-      validation_steps: 250, num_validation_images: 4, validation_inference_steps: 30})},
+    values: () => ({...FULL_RUN, max_train_steps: 1500, lr_scheduler: 'cosine', lr_warmup_steps: 100, rank: 16,
+      center_crop: true, random_flip: true, checkpointing_steps: 250,
+      validation_prompt: 'a portrait photo of sks person', validation_steps: 250})},
   {id: 'style', label: 'Style', note: 'an art style: more rank and steps, random crops',
-    values: () => ({resolution: 512, train_batch_size: 1, gradient_accumulation_steps: 4, max_train_steps: 3000,
-      learning_rate: 1e-4, lr_scheduler: 'cosine', lr_warmup_steps: 200, rank: 32, center_crop: false,
-      random_flip: true, snr_gamma: 5, checkpointing_steps: 500, validation_prompt: 'a city street, sks style',
-      validation_steps: 500, num_validation_images: 4, validation_inference_steps: 30})},
+    values: () => ({...FULL_RUN, max_train_steps: 3000, lr_scheduler: 'cosine', lr_warmup_steps: 200, rank: 32,
+      center_crop: false, random_flip: true, checkpointing_steps: 500,
+      validation_prompt: 'a city street, sks style', validation_steps: 500})},
   {id: 'object', label: 'Object', note: 'a thing or product: center crops, no flips',
-    values: () => ({resolution: 512, train_batch_size: 1, gradient_accumulation_steps: 4, max_train_steps: 1000,
-      learning_rate: 1e-4, lr_scheduler: 'constant_with_warmup', lr_warmup_steps: 100, rank: 8, center_crop: true,
-      random_flip: false, snr_gamma: 5, checkpointing_steps: 250, validation_prompt: 'a photo of sks object on a table',
-      validation_steps: 250, num_validation_images: 4, validation_inference_steps: 30})},
+    values: () => ({...FULL_RUN, max_train_steps: 1000, lr_scheduler: 'constant_with_warmup', lr_warmup_steps: 100,
+      rank: 8, center_crop: true, random_flip: false, checkpointing_steps: 250,
+      validation_prompt: 'a photo of sks object on a table', validation_steps: 250})},
 ];
 
 /** What kind of input an option's JSON schema asks for. */

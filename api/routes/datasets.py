@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import OwnedDataset, PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ERRORS, MAX_OFFSET, DatasetDetail, DatasetList, DatasetSummary
 from api.services import datasets as service
-from api.services.quotas import check_storage
+from api.services.quotas import check_storage_room
 from api.services.uploads import MAX_NAME_CHARS, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -34,7 +34,7 @@ async def upload_dataset(request: Request, session: SessionDep, settings: Settin
     owner = principal.owner
     # Refused before the body is read when the owner is already at the limit; the exact check
     # comes once the upload's size on disk is known.
-    await run_in_threadpool(check_storage, session, settings, owner, 0)
+    await run_in_threadpool(check_storage_room, session, settings, owner)
     staging = service.new_staging_dir(settings)
     try:
         upload = await receive_upload(request, staging / "parts", settings)

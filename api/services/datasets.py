@@ -78,7 +78,7 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
         )
         session.add(dataset)
         session.flush()
-        check_storage(session, settings, owner, total_bytes, recorded=True)
+        check_storage(session, settings, owner, total_bytes)
         session.commit()
     except BaseException:
         session.rollback()

@@ -46,13 +46,24 @@ def serialize(session: Session, limit: str, owner: str) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
-def check_storage(session: Session, settings: Settings, owner: str, adding: int, recorded: bool = False) -> None:
-    """413 when `adding` bytes put `owner` over LORAQ_MAX_STORAGE_BYTES. With `recorded`, the new
-    row is already flushed (and counted): the check is then serialized per owner like the queue's."""
-    if recorded:
-        serialize(session, "storage", owner)
-    used = storage_used(session, owner) - (adding if recorded else 0)
-    limit = settings.max_storage_bytes
-    if used + adding > limit or used >= limit:
-        raise TooLarge(f"storage limit: {owner} stores {used} bytes, this upload adds {adding}, and the limit "
-                       f"is {limit} bytes (LORAQ_MAX_STORAGE_BYTES); delete datasets or jobs to make room")
+def check_storage_room(session: Session, settings: Settings, owner: str) -> None:
+    """413 before an upload is read when `owner` is already at LORAQ_MAX_STORAGE_BYTES."""
+    used = storage_used(session, owner)
+    session.commit()  # no connection held while the body streams in
+    if used >= settings.max_storage_bytes:
+        raise _storage_full(settings, owner, used, 0)
+
+
+def check_storage(session: Session, settings: Settings, owner: str, added: int) -> None:
+    """413 when the `added` bytes of a dataset whose row is flushed (so already counted) put `owner`
+    over LORAQ_MAX_STORAGE_BYTES; serialized per owner like the queue's limit."""
+    serialize(session, "storage", owner)
+    before = storage_used(session, owner) - added
+    if before + added > settings.max_storage_bytes or before >= settings.max_storage_bytes:
+        raise _storage_full(settings, owner, before, added)
+
+
+def _storage_full(settings: Settings, owner: str, used: int, adding: int) -> TooLarge:
+    return TooLarge(f"storage limit: {owner} stores {used} bytes, this upload adds {adding}, and the limit "
+                    f"is {settings.max_storage_bytes} bytes (LORAQ_MAX_STORAGE_BYTES); delete datasets or jobs "
+                    "to make room")

@@ -28,7 +28,7 @@ def _key(client, owner: str, admin: bool = False) -> str:
     return body["key"]
 
 
-def _as(client, key: str | None) -> dict:
+def _as(key: str | None) -> dict:
     return {"Authorization": f"Bearer {key}"} if key is not None else {"Authorization": ""}
 
 
@@ -36,11 +36,11 @@ def _as(client, key: str | None) -> dict:
 def alice(client, zip_bytes, png, session, settings):
     """Alice's key, a dataset and a queued job of hers with one artifact file."""
     key = _key(client, "alice")
-    response = client.post("/v1/datasets", headers=_as(client, key), files={"files": (
+    response = client.post("/v1/datasets", headers=_as(key), files={"files": (
         "a.zip", zip_bytes({"a.png": png(), "a.txt": "a red square"}), "application/zip")})
     assert response.status_code == 201, response.text
     dataset_id = response.json()["id"]
-    response = client.post("/v1/jobs", headers=_as(client, key),
+    response = client.post("/v1/jobs", headers=_as(key),
                            json={"dataset_id": dataset_id, "base_model": "tiny-sd", "options": {"resolution": 32}})
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
@@ -77,8 +77,8 @@ def test_every_id_route_is_404_to_another_owner_exactly_as_a_missing_id(client, 
     missing = {"job_id": uuid.uuid4().hex, "dataset_id": uuid.uuid4().hex, "name": alice["name"]}
     for method, path in routes:
         with subtests.test(route=f"{method} {path}"):
-            as_bob = client.request(method, _fill(path, alice), headers=_as(client, bob))
-            absent = client.request(method, _fill(path, missing), headers=_as(client, alice["key"]))
+            as_bob = client.request(method, _fill(path, alice), headers=_as(bob))
+            absent = client.request(method, _fill(path, missing), headers=_as(alice["key"]))
             assert as_bob.status_code == absent.status_code == 404, (as_bob.text, absent.text)
             as_text = as_bob.text.replace(alice["job_id"], "ID").replace(alice["dataset_id"], "ID")
             assert as_text == absent.text.replace(missing["job_id"], "ID").replace(missing["dataset_id"], "ID")
@@ -86,24 +86,24 @@ def test_every_id_route_is_404_to_another_owner_exactly_as_a_missing_id(client, 
             if method == "GET":
                 if path.endswith("/events"):
                     continue  # streams until the job ends; its 404 above is what matters
-                own = client.get(_fill(path, alice), headers=_as(client, alice["key"]))
+                own = client.get(_fill(path, alice), headers=_as(alice["key"]))
                 assert own.status_code == 200, (path, own.text)
     # nothing of Alice's changed: her job is still queued and her dataset is still there
-    job = client.get(f"/v1/jobs/{alice['job_id']}", headers=_as(client, alice["key"])).json()
+    job = client.get(f"/v1/jobs/{alice['job_id']}", headers=_as(alice["key"])).json()
     assert job["state"] == "queued"
-    assert client.get(f"/v1/datasets/{alice['dataset_id']}", headers=_as(client, alice["key"])).status_code == 200
+    assert client.get(f"/v1/datasets/{alice['dataset_id']}", headers=_as(alice["key"])).status_code == 200
 
 
 def test_lists_hold_only_the_owners_items_and_admins_see_all(client, alice):
     bob = _key(client, "bob")
     for path in ("/v1/jobs", "/v1/datasets"):
-        assert client.get(path, headers=_as(client, bob)).json()["total"] == 0
-        mine = client.get(path, headers=_as(client, alice["key"])).json()
+        assert client.get(path, headers=_as(bob)).json()["total"] == 0
+        mine = client.get(path, headers=_as(alice["key"])).json()
         assert mine["total"] == 1
         everyone = client.get(path).json()  # the admin key
         assert {item["id"] for item in everyone["items"]} >= {item["id"] for item in mine["items"]}
     # Bob cannot train on Alice's dataset: it does not exist for him
-    response = client.post("/v1/jobs", headers=_as(client, bob),
+    response = client.post("/v1/jobs", headers=_as(bob),
                            json={"dataset_id": alice["dataset_id"], "base_model": "tiny-sd", "options": {}})
     assert response.status_code == 404 and alice["dataset_id"] in response.json()["error"]["message"]
     # the admin reads and downloads Alice's things
@@ -117,8 +117,8 @@ def test_no_key_a_wrong_key_or_a_revoked_key_get_401(client, alice, subtests):
     alice_key_id = next(k["id"] for k in response.json() if k["owner"] == "alice")
     assert client.delete(f"/v1/keys/{alice_key_id}").json()["revoked_at"] is not None
     bad = {"none": {}, "empty": {"Authorization": ""}, "not bearer": {"Authorization": f"Basic {alice['key']}"},
-           "unknown": _as(client, "lq_" + "x" * 43), "garbage": _as(client, "hello"),
-           "revoked": _as(client, alice["key"])}
+           "unknown": _as("lq_" + "x" * 43), "garbage": _as("hello"),
+           "revoked": _as(alice["key"])}
     for label, headers in bad.items():
         for method, path in routes:
             with subtests.test(key=label, route=f"{method} {path}"):
@@ -134,12 +134,12 @@ def test_no_key_a_wrong_key_or_a_revoked_key_get_401(client, alice, subtests):
 
 
 def test_whoami_and_key_management_are_admin_only(client, alice):
-    me = client.get("/v1/whoami", headers=_as(client, alice["key"])).json()
+    me = client.get("/v1/whoami", headers=_as(alice["key"])).json()
     assert me["owner"] == "alice" and me["admin"] is False
     assert client.get("/v1/whoami").json()["admin"] is True
     for method, path, body in (("GET", "/v1/keys", None), ("POST", "/v1/keys", {"owner": "mallory", "admin": True}),
                                ("DELETE", f"/v1/keys/{me['key_id']}", None)):
-        response = client.request(method, path, json=body, headers=_as(client, alice["key"]))
+        response = client.request(method, path, json=body, headers=_as(alice["key"]))
         assert response.status_code == 403, response.text
         assert "admin" in response.json()["error"]["message"]
     listed = client.get("/v1/keys").json()
@@ -240,11 +240,11 @@ def test_admin_cli_creates_lists_and_revokes_keys(client, settings):
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip()
     key_id = re.search(r"created key (\w+) for carol", created.stderr).group(1)
-    assert client.get("/v1/whoami", headers=_as(client, secret)).json()["owner"] == "carol"
+    assert client.get("/v1/whoami", headers=_as(secret)).json()["owner"] == "carol"
     listed = admin("keys", "list", "--owner", "carol")
     assert key_id in listed.stdout and "active" in listed.stdout and secret not in listed.stdout
     assert admin("keys", "revoke", key_id).returncode == 0
-    assert client.get("/v1/whoami", headers=_as(client, secret)).status_code == 401
+    assert client.get("/v1/whoami", headers=_as(secret)).status_code == 401
     assert "revoked" in admin("keys", "list", "--owner", "carol").stdout
     refused = admin("keys", "create", "--owner", "Bad Name")
     assert refused.returncode == 2 and "owner" in refused.stderr
