@@ -22,7 +22,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from trainer import checkpoints, data, validation
+from trainer import checkpoints, control, data, validation
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import Event, EventSink, Throughput, ignore_events
 from trainer.losses import diffusion_loss, training_target
@@ -265,9 +265,12 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
                            loss=train_loss, lr=run.lr_scheduler.get_last_lr()[0], grad_norm=grad_norm,
                            images_per_s=images_per_s, eta_s=eta_s))
                 train_loss = 0.0
-                if global_step % config.checkpointing_steps == 0:
+                stopping = control.stop_requested()  # read once: asked to hand over (trainer/control.py)
+                if global_step % config.checkpointing_steps == 0 or stopping:
                     batches_done = start_position + (step + 1) * accelerator.num_processes
                     emit(_save_checkpoint(run, global_step, epoch, batches_done))
+                if stopping:
+                    raise control.StopRequested(global_step)
                 if config.validation_steps and global_step % config.validation_steps == 0:
                     images += _validate(run, f"step-{global_step:06d}", global_step, emit)
             if global_step >= run.max_train_steps:
