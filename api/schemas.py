@@ -80,11 +80,13 @@ class CaptionPreview(BaseModel):
 
 class DatasetSummary(BaseModel):
     id: str
+    owner: str = Field(description="who the dataset belongs to (only an admin sees others')")
     name: str
     image_count: int
     captioned_count: int
     total_bytes: int
-    content_hash: str
+    content_hash: str = Field(description="sha256 of the uploaded files' names and bytes (loraq_client.fingerprint); "
+                                          "an identical upload by the same owner reuses the dataset")
     created_at: UtcDatetime
 
 
@@ -92,6 +94,13 @@ class DatasetDetail(DatasetSummary):
     report: DatasetReport
     thumbnails: list[str] = Field(description="URLs of up to 4 small PNG previews")
     captions: list[CaptionPreview] = Field(description="the first captions, shortened")
+
+
+class DatasetUploaded(DatasetDetail):
+    """The answer to an upload: a new dataset (201), or the owner's identical one (200)."""
+
+    reused: bool = Field(description="true when an identical dataset of the same owner answered instead of a new "
+                                     "copy (status 200, header X-Loraq-Dataset-Reused: true)")
 
 
 class DatasetList(BaseModel):
@@ -181,8 +190,31 @@ class ArtifactOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str = Field(description="what a job gives as base_model")
-    source: str = Field(description="hub id or local folder the trainer loads")
-    available: bool = Field(description="present on this machine (local folder or hub cache)")
+    source: str = Field(description="hub id, local folder or single-file .safetensors checkpoint the trainer loads")
+    available: bool = Field(description="present on this machine (local folder or file, or hub cache) "
+                                        "and of a supported family")
+    family: str | None = Field(default=None, description="the model family detected from its files (sd, sdxl); "
+                                                         "null when it cannot be read or is not supported")
+    kind: str | None = Field(default=None, description="folder, hub or single_file")
+    config: str | None = Field(default=None, description="a single file's config folder")
+    origin: str = Field(default="settings", description="demo, settings (LORAQ_MODELS) or added (by an admin)")
+    problem: str | None = Field(default=None, description="why a job cannot train on it here, e.g. an "
+                                                          "unsupported pipeline or a missing folder")
+
+
+class ModelCreate(BaseModel):
+    """An admin's new base model: a server-side folder or .safetensors file, or a cached hub id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=1000, pattern=NO_CONTROL_CHARS,
+                        description="a pipeline folder, a single-file .safetensors checkpoint, or a hub id "
+                                    "in the server's cache (never downloaded)")
+    name: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_CONTROL_CHARS,
+                             description="what jobs give as base_model; default: the folder or file name, or the hub id")
+    config: str | None = Field(default=None, min_length=1, max_length=1000, pattern=NO_CONTROL_CHARS,
+                               description="a single file's config: a pipeline folder or cached hub id of its "
+                                           "family (default: LORAQ_MODEL_CONFIGS for the family)")
 
 
 

@@ -109,7 +109,7 @@ export function uploadDataset(files, name, onProgress) {
       if (event.lengthComputable) onProgress(event.loaded, event.total);
     });
     xhr.addEventListener('load', () => {
-      if (xhr.status === 201) return resolve(xhr.response);
+      if (xhr.status === 201 || xhr.status === 200) return resolve(xhr.response); // 200: an identical dataset, reused
       const error = new ApiError(xhr.status, xhr.response?.error?.message ?? `upload failed (${xhr.status})`);
       if (xhr.status === 401) unauthorized(error.message);
       reject(error);

@@ -1,14 +1,15 @@
 """Datasets: an upload checked in a staging folder, then moved into place and recorded.
 
 Steps of `create_dataset`: unpack (one zip, or many files flattened to safe names), drop hidden
-files, refuse images over the pixel limit from their header alone, decode every image once with
-the trainer's own `inspect_folder`, remove the refused files, build the report, move the folder
-to `datasets/<id>` and insert the row. Any error leaves nothing behind.
+files, hash the content (`loraq_client.fingerprint`, the definition the client uses too) and,
+unless told not to, answer with the owner's dataset of the same content instead of storing a
+second copy; else refuse images over the pixel limit from their header alone, decode every image
+once with the trainer's own `inspect_folder`, remove the refused files, build the report, move
+the folder to `datasets/<id>` and insert the row. Any error leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,15 +25,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import visible
-from api.schemas import DatasetDetail, DatasetReport, DatasetSummary, RefusedFile
+from api.schemas import DatasetDetail, DatasetReport, DatasetSummary, DatasetUploaded, RefusedFile
 from api.services.dataset_report import build_report, caption_preview
-from api.services.quotas import check_storage
+from api.services.quotas import check_storage, check_storage_room, serialize
 from api.services.uploads import Upload, UploadedFile
 from loraq.auth import Principal
 from loraq import storage
 from loraq.errors import BadRequest, Conflict, Invalid, NotFound, TooLarge, UnsupportedMedia
 from loraq.models import Dataset, Job, new_id
 from loraq.settings import Settings
+from loraq_client.fingerprint import content_hash as hash_members, folder_members
 from trainer.files import (
     IMAGE_EXTENSIONS, METADATA_FILE, DatasetError, Example, extract_zip, inspect_folder, load_rgb,
 )
@@ -51,10 +53,23 @@ def thumbnail_path(settings: Settings, dataset_id: str, n: int) -> Path:
     return storage.dataset_dir(settings, dataset_id) / PREVIEW_DIR / "thumbnails" / f"{n}.png"
 
 
-def create_dataset(session: Session, settings: Settings, owner: str, upload: Upload, staging: Path) -> Dataset:
-    """Check the received files in `staging` and record them as a dataset (the caller removes staging)."""
-    root, refused = _unpack(upload, staging, settings)
+def create_dataset(session: Session, settings: Settings, owner: str, upload: Upload, staging: Path,
+                   dedupe: bool = True) -> tuple[Dataset, bool]:
+    """Check the received files in `staging` and record them as a dataset (the caller removes
+    staging). Returns (dataset, reused): with `dedupe`, an upload whose content hash matches one of
+    `owner`'s datasets is answered with that dataset (the oldest) and nothing new is stored."""
+    root, refused, flat = _unpack(upload, staging, settings)
     _remove_hidden(root)
+    # Hashed as received (names and bytes), before any file is refused or rewritten: identical
+    # uploads give the same hash, and the client can compute it from the folder it sends.
+    content = hash_members(folder_members(root, descend=False))
+    if dedupe:
+        existing = find_reusable(session, settings, owner, content)
+        if existing is not None:
+            return existing, True
+        session.rollback()  # no connection held while every image is decoded
+    if flat:
+        _rewrite_metadata(root / METADATA_FILE, _flat_row)
     refused += _refuse_oversize(root, settings.max_image_pixels)
     examples, refused, warnings = _inspect(root, refused)
     hashes = {path.relative_to(root).as_posix(): storage.sha256_file(path) for path in _files(root)}
@@ -70,21 +85,52 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
         dataset = Dataset(
             id=dataset_id, owner=owner, name=upload.name or _default_name(upload, dataset_id),
             image_count=report.image_count, captioned_count=report.captioned_count,
-            total_bytes=total_bytes,
-            content_hash=hashlib.sha256("\n".join(sorted(hashes.values())).encode()).hexdigest(),
-            storage_path=str(final),
+            total_bytes=total_bytes, content_hash=content, storage_path=str(final),
             report={**report.model_dump(mode="json"), "preview": {
                 "thumbnails": thumbnails, "captions": [c.model_dump() for c in captions]}},
         )
         session.add(dataset)
         session.flush()
+        # Two identical uploads racing past the first look: the owner's uploads are serialized
+        # from here to their commit (as for the storage limit), so the later one finds the
+        # earlier one's row now, drops its own copy and answers with that one.
+        serialize(session, "storage", owner)
+        if dedupe and (existing := find_reusable(session, settings, owner, content, exclude=dataset_id)):
+            existing_id = existing.id
+            session.rollback()
+            shutil.rmtree(final, ignore_errors=True)
+            return session.get(Dataset, existing_id), True
         check_storage(session, settings, owner, total_bytes)
         session.commit()
     except BaseException:
         session.rollback()
         shutil.rmtree(final, ignore_errors=True)
         raise
-    return dataset
+    return dataset, False
+
+
+def find_reusable(session: Session, settings: Settings, owner: str, content: str,
+                  exclude: str | None = None) -> Dataset | None:
+    """`owner`'s oldest dataset with this content hash whose files are in place (never another
+    owner's, whoever asks: an admin's upload reuses only the admin's own datasets)."""
+    query = select(Dataset).where(Dataset.owner == owner, Dataset.content_hash == content)
+    if exclude is not None:
+        query = query.where(Dataset.id != exclude)
+    for dataset in session.scalars(query.order_by(Dataset.created_at, Dataset.id)):
+        if storage.dataset_dir(settings, dataset.id).is_dir():
+            return dataset
+    return None
+
+
+def check_room(session: Session, settings: Settings, owner: str, content: str | None) -> None:
+    """The storage pre-check before an upload's body is read (413 when `owner` is already at the
+    limit), skipped when the client says the upload's content hash and `owner` already has that
+    dataset: it will be reused and adds nothing. The hash is only a hint: the body's own hash
+    decides, and an upload that turns out new meets the exact check after it is received."""
+    if content is not None and find_reusable(session, settings, owner, content) is not None:
+        session.commit()  # no connection held while the body streams in
+        return
+    check_storage_room(session, settings, owner)
 
 
 def _default_name(upload: Upload, dataset_id: str) -> str:
@@ -98,8 +144,9 @@ def _default_name(upload: Upload, dataset_id: str) -> str:
 # Unpacking
 
 
-def _unpack(upload: Upload, staging: Path, settings: Settings) -> tuple[Path, list[RefusedFile]]:
-    """The folder holding the upload's files, and the files refused while placing them."""
+def _unpack(upload: Upload, staging: Path, settings: Settings) -> tuple[Path, list[RefusedFile], bool]:
+    """The folder holding the upload's files, the files refused while placing them, and whether
+    they were flattened (a metadata.jsonl's names then need the same mapping)."""
     files = upload.files
     if not files:
         raise Invalid("no files uploaded: send a zip, or images with .txt captions or a "
@@ -107,14 +154,14 @@ def _unpack(upload: Upload, staging: Path, settings: Settings) -> tuple[Path, li
     data = staging / "data"
     data.mkdir(parents=True)
     if len(files) == 1 and files[0].is_zip:
-        return _extract(files[0], data, settings), []
+        return _extract(files[0], data, settings), [], False
     zips = [file.filename for file in files if file.is_zip]
     if zips:
         raise BadRequest(f"send one zip file on its own, or images and captions without a zip (got {zips[0]} "
                          f"among {len(files)} files)")
     if len(files) == 1 and PurePosixPath(files[0].filename).suffix.lower() not in IMAGE_EXTENSIONS:
         raise UnsupportedMedia(f"{files[0].filename}: expected a zip archive or an image (PNG, JPEG or WebP)")
-    return data, _place_files(files, data)
+    return data, _place_files(files, data), True
 
 
 def _extract(file: UploadedFile, data: Path, settings: Settings) -> Path:
@@ -163,7 +210,8 @@ def flat_name(name: str) -> str | None:
 
 
 def _place_files(files: list[UploadedFile], data: Path) -> list[RefusedFile]:
-    """Move each received file to its flat name; metadata.jsonl names are mapped the same way."""
+    """Move each received file to its flat name (the caller maps metadata.jsonl's names the same
+    way, once the upload is hashed)."""
     refused = []
     for file in files:
         name = flat_name(file.filename)
@@ -175,7 +223,6 @@ def _place_files(files: list[UploadedFile], data: Path) -> list[RefusedFile]:
             file.path.unlink()
             continue
         os.replace(file.path, data / name)
-    _rewrite_metadata(data / METADATA_FILE, _flat_row)
     return refused
 
 
@@ -284,8 +331,11 @@ def _write_thumbnails(root: Path, examples: list[Example]) -> int:
 # Reading and deleting
 
 
-def list_datasets(session: Session, principal: Principal, limit: int, offset: int) -> tuple[list[Dataset], int]:
+def list_datasets(session: Session, principal: Principal, limit: int, offset: int,
+                  content_hash: str | None = None) -> tuple[list[Dataset], int]:
     query = select(Dataset).where(visible(Dataset, principal))
+    if content_hash is not None:
+        query = query.where(Dataset.content_hash == content_hash)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     items = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset))
     return list(items), total
@@ -313,9 +363,12 @@ def require_thumbnail(settings: Settings, dataset: Dataset, n: int) -> Path:
     return path
 
 
-def dataset_detail(dataset: Dataset) -> DatasetDetail:
+def dataset_detail(dataset: Dataset, reused: bool | None = None) -> DatasetDetail:
+    """The dataset as GET shows it; as an upload's answer (`reused` given) with that flag."""
     preview = dataset.report.get("preview", {})
-    return DatasetDetail(
+    extra = {} if reused is None else {"reused": reused}
+    return (DatasetDetail if reused is None else DatasetUploaded)(
+        **extra,
         **DatasetSummary.model_validate(dataset, from_attributes=True).model_dump(),
         report=DatasetReport.model_validate(dataset.report),
         thumbnails=[f"/v1/datasets/{dataset.id}/thumbnails/{n}" for n in range(preview.get("thumbnails", 0))],

@@ -215,13 +215,15 @@ def test_storage_limit_is_a_413_naming_it_and_leaves_nothing(make_client, settin
 def test_racing_uploads_cannot_pass_the_storage_limit_together(make_client, settings, upload, png, client):
     from support.hostile import same_time
 
-    files = {"a.png": png(64, 64), "a.txt": "a red square"}
-    first = upload(files)
+    def files(n: int) -> dict:  # the same size, not the same content (an identical one is reused)
+        return {"a.png": png(64, 64), "a.txt": f"a red square {n}"}
+
+    first = upload(files(9))
     assert first.status_code == 201
     size = first.json()["total_bytes"]
     assert client.delete(f"/v1/datasets/{first.json()['id']}").status_code == 204
     small = make_client(settings.model_copy(update={"max_storage_bytes": int(size * 2.5)}))
-    responses = same_time(6, lambda _: upload(files, to=small))
+    responses = same_time(6, lambda n: upload(files(n), to=small))
     statuses = sorted(response.status_code for response in responses)
     assert statuses == [201] * 2 + [413] * 4, [r.text[:200] for r in responses]
     assert client.get("/v1/datasets").json()["total"] == 2

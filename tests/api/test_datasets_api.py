@@ -8,8 +8,10 @@ import json
 from PIL import Image
 from sqlalchemy import func, select
 
+from api.services.quotas import storage_used
 from loraq import storage
-from support.hostile import LIMITS, hostile_uploads
+from loraq_client.fingerprint import dataset_fingerprint
+from support.hostile import LIMITS, assert_one_created, hostile_uploads, same_time, zip_of as _zip
 from loraq.models import Dataset
 from trainer.files import scan_examples
 
@@ -198,7 +200,7 @@ def test_hostile_uploads_are_refused_and_leave_nothing(make_client, settings, su
 
 def test_list_show_and_delete(client, settings, upload, png):
     first = upload({"a.png": png()}, name="first.zip").json()
-    second = upload({"a.png": png()}, name="second.zip").json()
+    second = upload({"a.png": png(color=(1, 2, 3))}, name="second.zip").json()
 
     listed = client.get("/v1/datasets").json()
     deleted = client.delete(f"/v1/datasets/{first['id']}")
@@ -232,3 +234,138 @@ def test_dataset_used_by_a_job_cannot_be_deleted(client, session, dataset_id, su
     listed = client.get("/v1/jobs", params={"dataset_id": dataset_id}).json()
     assert f"?dataset_id={dataset_id}" in error_of(response) and [j["id"] for j in listed["items"]] == [job["id"]]
     assert client.get("/v1/jobs", params={"dataset_id": "0" * 32}).json()["total"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Identical uploads are one dataset (issue 10)
+
+SQUARES = {"a.png": ("red", (255, 0, 0)), "b.png": ("green", (0, 255, 0))}
+
+
+def squares(png) -> dict[str, bytes]:
+    files = {}
+    for name, (caption, color) in SQUARES.items():
+        files[name] = png(color=color)
+        files[name.replace(".png", ".txt")] = f"a {caption} square".encode()
+    return files
+
+
+def dataset_folders(settings) -> list[str]:
+    root = storage.datasets_root(settings)
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def used(client, owner: str = "admin") -> int:
+    with client.app.state.session_factory() as session:
+        return storage_used(session, owner)
+
+
+def test_identical_upload_reuses_the_dataset_and_stores_nothing(client, settings, upload, png, multipart,
+                                                                tmp_path):
+    files = squares(png)
+    first = upload(files, name="squares.zip")
+    assert first.status_code == 201 and first.json()["reused"] is False, first.text
+    assert first.headers["x-loraq-dataset-reused"] == "false"
+    dataset = first.json()
+    # the server's hash is the client's: a folder with these files hashes the same
+    folder = tmp_path / "squares"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    assert dataset["content_hash"] == dataset_fingerprint(folder)
+    folders, stored = dataset_folders(settings), used(client)
+
+    # the same zip again, the same files sent one by one (the dashboard's and curl's way), and a
+    # zip holding them in one top folder: each the same dataset, and nothing more stored
+    body, headers = multipart([("files", name, data) for name, data in files.items()])
+    again = [upload(files, name="again.zip"), client.post("/v1/datasets", content=body, headers=headers),
+             upload({f"squares/{name}": data for name, data in files.items()}, name="nested.zip")]
+    for response in again:
+        assert response.status_code == 200, response.text
+        assert response.headers["x-loraq-dataset-reused"] == "true"
+        assert response.json()["reused"] is True
+        assert {k: v for k, v in response.json().items() if k != "reused"} == \
+            {k: v for k, v in dataset.items() if k != "reused"}
+    assert dataset_folders(settings) == folders and used(client) == stored
+    assert not any(storage.uploads_root(settings).iterdir())
+    assert client.get("/v1/datasets").json()["total"] == 1
+
+    # ?dedupe=false stores a second copy; a plain upload still answers with the oldest
+    copy = client.post("/v1/datasets", params={"dedupe": "false"},
+                       files={"files": ("copy.zip", _zip(files), "application/zip")})
+    assert copy.status_code == 201 and copy.json()["reused"] is False, copy.text
+    assert copy.json()["id"] != dataset["id"] and copy.json()["content_hash"] == dataset["content_hash"]
+    assert used(client) == 2 * stored and len(dataset_folders(settings)) == 2
+    assert upload(files).json()["id"] == dataset["id"]
+    # one changed byte is another dataset
+    changed = upload({**files, "a.txt": b"a red square!"})
+    assert changed.status_code == 201 and changed.json()["id"] != dataset["id"]
+    listed = client.get("/v1/datasets", params={"content_hash": dataset["content_hash"]}).json()
+    assert sorted(d["id"] for d in listed["items"]) == sorted([dataset["id"], copy.json()["id"]])
+
+
+def test_reuse_stays_within_one_owner(client, settings, upload, png):
+    bob = {"Authorization": f"Bearer {client.post('/v1/keys', json={'owner': 'bob'}).json()['key']}"}
+    carol = {"Authorization": f"Bearer {client.post('/v1/keys', json={'owner': 'carol'}).json()['key']}"}
+    zipped = _zip(squares(png))
+
+    def post(headers=None):
+        return client.post("/v1/datasets", headers=headers, files={"files": ("s.zip", zipped, "application/zip")})
+
+    bobs = post(bob)
+    assert bobs.status_code == 201 and bobs.json()["owner"] == "bob", bobs.text
+    # the admin sees bob's dataset, yet an admin's upload reuses only the admin's own
+    admins = post()
+    carols = post(carol)
+    assert admins.status_code == 201 and carols.status_code == 201, (admins.text, carols.text)
+    ids = {bobs.json()["id"], admins.json()["id"], carols.json()["id"]}
+    assert len(ids) == 3
+    for headers, mine in ((bob, bobs), (None, admins), (carol, carols)):
+        again = post(headers)
+        assert again.status_code == 200 and again.json()["id"] == mine.json()["id"], again.text
+    content = bobs.json()["content_hash"]
+    as_bob = client.get("/v1/datasets", params={"content_hash": content}, headers=bob).json()
+    assert [(d["id"], d["owner"]) for d in as_bob["items"]] == [(bobs.json()["id"], "bob")]
+    as_admin = client.get("/v1/datasets", params={"content_hash": content}).json()
+    assert {d["owner"] for d in as_admin["items"]} == {"admin", "bob", "carol"}
+    assert len(dataset_folders(settings)) == 3
+    assert (used(client, "bob"), used(client, "carol")) == (bobs.json()["total_bytes"], carols.json()["total_bytes"])
+
+
+def test_racing_identical_uploads_store_one_dataset(client, settings, png):
+    zipped = _zip(squares(png))
+
+    responses = same_time(6, lambda _: client.post("/v1/datasets", files={
+        "files": ("s.zip", zipped, "application/zip")}))
+
+    dataset_id = assert_one_created(responses)
+    assert dataset_folders(settings) == [dataset_id]
+    assert client.get("/v1/datasets").json()["total"] == 1
+    assert not any(storage.uploads_root(settings).iterdir())
+
+
+def test_a_reused_upload_is_never_refused_for_storage(make_client, client, settings, png, zip_bytes):
+    files = squares(png)
+    first = client.post("/v1/datasets", files={"files": ("s.zip", zip_bytes(files), "application/zip")})
+    size = first.json()["total_bytes"]
+    other = {"c.png": png(color=(9, 9, 9)), "c.txt": b"x" * (size // 2)}
+
+    def post(to, entries, headers=None):
+        return to.post("/v1/datasets", headers=headers, files={"files": ("s.zip", zip_bytes(entries), "application/zip")})
+
+    # under the limit, though a second copy would not fit: reused, not refused; a new one is a 413
+    roomy = make_client(settings.model_copy(update={"max_storage_bytes": size + size // 3}))
+    assert post(roomy, files).status_code == 200
+    assert post(roomy, other).status_code == 413
+    # at the limit: refused before the body is read, unless the client names the content it sends
+    # and that is a dataset of the owner's (reused); a hint that lies meets the exact check
+    full = make_client(settings.model_copy(update={"max_storage_bytes": size}))
+    hint = {"X-Loraq-Content-Hash": first.json()["content_hash"]}
+    assert post(full, files).status_code == 413
+    reused = post(full, files, hint)
+    assert reused.status_code == 200 and reused.json()["id"] == first.json()["id"], reused.text
+    lying = post(full, other, hint)
+    assert lying.status_code == 413 and "storage limit" in error_of(lying)
+    assert post(full, files, {"X-Loraq-Content-Hash": "nothex"}).status_code == 422
+    assert dataset_folders(settings) == [first.json()["id"]] and used(client) == size
+    assert not any(storage.uploads_root(settings).iterdir())
