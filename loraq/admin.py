@@ -3,6 +3,9 @@
     loraq-admin keys create --owner alice [--name laptop] [--admin]
     loraq-admin keys list [--owner alice]
     loraq-admin keys revoke KEY_ID
+    loraq-admin models add PATH|HUB_ID [--name N] [--config DIR]
+    loraq-admin models list
+    loraq-admin models remove NAME
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.orm import Session
 
-from loraq import auth
+from loraq import auth, registry
 from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError
 from loraq.settings import Settings
@@ -78,6 +81,46 @@ def revoke(key_id: str) -> None:
     with _session() as session:
         auth.revoke_key(session, key_id)
     click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def models() -> None:
+    """Add, list and remove base models (workers and the API see changes at once)."""
+
+
+@models.command("add")
+@click.argument("source")
+@click.option("--name", default=None, help="what jobs give as base_model (default: folder or file name, or hub id)")
+@click.option("--config", default=None,
+              help="a single-file checkpoint's config: a pipeline folder or cached hub id of its family")
+def models_add(source: str, name: str | None, config: str | None) -> None:
+    """Add a pipeline folder, a single-file .safetensors checkpoint or a cached hub id."""
+    settings = Settings()
+    with _session() as session:
+        status = registry.add_model(session, settings, source, name, config, added_by="loraq-admin")
+    single = f" (single file, config {status.config_dir})" if status.info.single_file else ""
+    click.echo(f"added {status.entry.name}: {status.family} {status.info.kind}{single}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every base model: name, family, origin, source, and why one cannot train here."""
+    settings = Settings()
+    with _session() as session:
+        entries = registry.all_models(settings, session)
+    for entry in entries.values():
+        status = registry.describe(settings, entry)
+        click.echo(f"{entry.name}\t{status.family or '-'}\t{entry.origin}\t{entry.source}"
+                   f"{chr(9) + status.problem if status.problem else ''}")
+
+
+@models.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Forget an added model (its files stay); refused while active jobs use it."""
+    with _session() as session:
+        registry.remove_model(session, Settings(), name)
+    click.echo(f"removed {name}")
 
 
 if __name__ == "__main__":

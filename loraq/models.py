@@ -142,3 +142,20 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BaseModelRow(Base):
+    """A base model an admin added while the service runs (beside LORAQ_MODELS and the demo models).
+
+    `source` is what the trainer loads (a local folder, a cached hub id or a single-file
+    .safetensors checkpoint); `config_dir` is the family's config folder a single file needs.
+    """
+
+    __tablename__ = "base_models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    source: Mapped[str] = mapped_column(String(1000))
+    config_dir: Mapped[str | None] = mapped_column(String(1000))
+    family: Mapped[str] = mapped_column(String(16))
+    added_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEMO_MODEL = "tiny-sd"
+# The generated demo models (`make run` writes them under data_dir/models) and their families.
+DEMO_MODELS = {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}
 
 
 class Settings(BaseSettings):
@@ -22,8 +24,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    # Base models a job may name: hub ids or local folders, plus the generated demo model.
+    # Base models a job may name: hub ids, local folders or single-file .safetensors checkpoints,
+    # plus the generated demo models and those admins add at run time (stored in the database).
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per family, the config folder (or cached hub id) a single-file checkpoint of that family is
+    # loaded with when it names none itself: LORAQ_MODEL_CONFIGS="sdxl=/srv/sdxl-base,sd=/srv/sd15".
+    model_configs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     # Uploads
     max_upload_bytes: int = 2 * 1024**3
@@ -40,6 +46,8 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     lease_s: float = 60.0
     heartbeat_s: float = 10.0
+    # A worker's SIGTERM/SIGINT: checkpoint, hand the job back, exit within this many seconds.
+    shutdown_grace_s: float = 30.0
     worker_device: str = "auto"
     queue_name: str = "train"
 
@@ -50,6 +58,16 @@ class Settings(BaseSettings):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
+    @field_validator("model_configs", mode="before")
+    @classmethod
+    def _split_model_configs(cls, value):
+        if isinstance(value, str):  # LORAQ_MODEL_CONFIGS="sdxl=/srv/sdxl-base,sd=/srv/sd15"
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("expected family=folder pairs separated by commas")
+            return {family.strip(): folder.strip() for family, folder in pairs}
+        return value
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'loraq.db').resolve()}"
@@ -58,9 +76,19 @@ class Settings(BaseSettings):
     def demo_model_dir(self) -> Path:
         return self.data_dir / "models" / DEMO_MODEL
 
+    def demo_dir(self, name: str) -> Path:
+        return self.data_dir / "models" / name
+
     def allowed_models(self) -> dict[str, str]:
-        """Model name as a job gives it -> what the trainer loads (hub id or local folder)."""
-        allowed = {DEMO_MODEL: str(self.demo_model_dir.resolve())}
+        """Model name as a job gives it -> what the trainer loads (hub id, local folder or file),
+        for the demo models and LORAQ_MODELS; loraq.registry adds the ones admins added."""
+        allowed = {name: str(self.demo_dir(name).resolve()) for name in DEMO_MODELS}
         for entry in self.models:
-            allowed[Path(entry).name if Path(entry).is_dir() else entry] = entry
+            path = Path(entry)
+            if path.is_dir():
+                allowed[path.name] = entry
+            elif entry.lower().endswith(".safetensors"):
+                allowed[path.stem] = entry
+            else:
+                allowed[entry] = entry
         return allowed

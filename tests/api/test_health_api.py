@@ -25,7 +25,9 @@ def test_healthz_503_when_redis_is_down(make_client, settings):
 def test_models_lists_the_demo_model(client, settings):
     items = client.get("/v1/models").json()
 
-    assert items == [{"name": "tiny-sd", "source": str(settings.demo_model_dir.resolve()), "available": True}]
+    # (families, single files and added models: tests/api/test_models_api.py)
+    assert items[0] == {"name": "tiny-sd", "source": str(settings.demo_model_dir.resolve()), "available": True,
+                        "family": "sd", "kind": "folder", "config": None, "origin": "demo", "problem": None}
 
 
 def test_docs_and_openapi(client):

@@ -6,7 +6,7 @@ from loraq.db import make_engine
 from loraq.migrate import downgrade, upgrade
 from loraq.models import Base
 
-TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys"}
+TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys", "base_models"}
 
 
 def tables(settings) -> set[str]:
