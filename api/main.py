@@ -6,8 +6,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import kombu.exceptions
 import redis
 import redis.asyncio
+import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -20,7 +22,7 @@ from api.routes import pages
 from api.schemas import AUTH_ERRORS
 from loraq.auth import admin_key_path, ensure_admin_key
 from loraq.db import make_engine, make_session_factory
-from loraq.errors import AppError
+from loraq.errors import AppError, ServiceUnavailable, unavailable_store
 from loraq.queue import make_celery
 from loraq.settings import Settings
 
@@ -57,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # The stores' errors are handled here rather than only as "unexpected" (Starlette re-raises
+    # those after answering): an outage is a 503 naming the store, and no traceback in the log.
+    for store_error in (sqlalchemy.exc.SQLAlchemyError, redis.RedisError, kombu.exceptions.KombuError):
+        app.add_exception_handler(store_error, _unexpected_error)
     app.add_exception_handler(Exception, _unexpected_error)
     # Every /v1 route needs a key; pages and /healthz do not.
     for module in (datasets, jobs, events, artifacts, models, keys):
@@ -99,6 +105,10 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    store = unavailable_store(error)
+    if store is not None:  # an outage, not a bug: 503 naming the store, and the client retries
+        log.warning("api.store_unavailable %s %s store=%s: %s", request.method, request.url.path, store, error)
+        return await _app_error(request, ServiceUnavailable(store))
     log.exception("api.unexpected_error %s %s", request.method, request.url.path, exc_info=error)
     return error_response(500, "internal error; the server log has the details")
 

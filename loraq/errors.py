@@ -47,3 +47,37 @@ class Invalid(AppError):
 
 class QuotaExceeded(AppError):
     status = 429
+
+
+class ServiceUnavailable(AppError):
+    """A store the service needs (the database, Redis) is not answering; the client retries."""
+
+    status = 503
+    RETRY_AFTER_S = 5
+
+    def __init__(self, store: str):
+        super().__init__(f"service unavailable: the {store} is not answering; retry in a few seconds")
+        self.store = store
+        self.headers = {"Retry-After": str(self.RETRY_AFTER_S)}
+
+
+def unavailable_store(error: BaseException) -> str | None:
+    """`database` or `redis` when `error` (or one it was raised from) says that store cannot be
+    reached or dropped the connection; None for any other error, bugs included."""
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                              sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return "database"
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return "database"
+        if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                              kombu.exceptions.OperationalError)):
+            return "redis"  # kombu's: the Celery broker, which is the Redis
+        error = error.__cause__ or error.__context__
+    return None

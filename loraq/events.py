@@ -41,17 +41,22 @@ def append_event(session: Session, job_id: str, type_: str, data: dict) -> JobEv
     return event
 
 
-def publish(redis, events: list[JobEvent]) -> None:
-    """Mirror committed events to the job's Redis stream; a failure only delays live readers."""
+def publish(redis, events: list[JobEvent]) -> list[JobEvent]:
+    """Mirror committed events to the job's Redis stream, in order; a failure only delays live
+    readers (they read the database). Returns the events not sent: from the first one Redis
+    refused on, so a caller that sends them again later keeps the stream in order."""
     if redis is None:
-        return
-    for event in events:
+        return []
+    for index, event in enumerate(events):
         try:
             redis.xadd(stream_key(event.job_id), {"seq": event.seq, "type": event.type,
                                                   "data": json.dumps(event.data)},
                        maxlen=STREAM_MAXLEN, approximate=True)
         except Exception as error:  # noqa: BLE001 - Redis down: the database still has the event
-            log.warning("event.publish_failed job=%s seq=%s: %s", event.job_id, event.seq, error)
+            log.warning("event.publish_failed job=%s seq=%s (%d not sent): %s", event.job_id, event.seq,
+                        len(events) - index, error)
+            return list(events[index:])
+    return []
 
 
 def events_after(session: Session, job_id: str, after_seq: int, limit: int = 1000) -> list[JobEvent]:

@@ -83,10 +83,16 @@ def claim(session: Session, job_id: str, attempt: int, worker: str, lease_s: flo
 
 
 def renew_lease(session: Session, job_id: str, attempt: int, lease_s: float) -> bool:
-    """Extend the running attempt's lease; False when this attempt no longer owns the job."""
+    """Extend the running attempt's lease; False when this attempt no longer owns the job.
+
+    A lease that has already run out is not renewed (False): its job belongs to the reaper's
+    rules now, so a worker back from a long database outage never races a reaper for it.
+    """
+    now = utcnow()
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt,
-                          Job.state.in_([S.running.value, S.canceling.value]))
-        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                          Job.state.in_([S.running.value, S.canceling.value]),
+                          (Job.lease_until.is_(None)) | (Job.lease_until >= now))
+        .values(lease_until=now + timedelta(seconds=lease_s))
     )
     return result.rowcount == 1

@@ -14,7 +14,7 @@ from celery import Celery, signals
 
 from loraq.queue import make_celery
 from loraq.settings import Settings
-from worker import tasks
+from worker import shutdown, tasks
 
 log = logging.getLogger("loraq.worker")
 
@@ -27,7 +27,22 @@ def create_app(settings: Settings | None = None) -> Celery:
     # prefork's pool processes are daemonic, and multiprocessing refuses to start children there.
     app.conf.worker_pool = "solo"
     tasks.register(app, settings)
+    install_shutdown(settings)
     return app
+
+
+def install_shutdown(settings: Settings) -> shutdown.Shutdown:
+    """Celery's SIGTERM/SIGINT handlers stop taking messages (a warm shutdown would then wait for
+    the running job to end); each also sends `worker_shutting_down`, which here starts the hand
+    back of the running job, or on a second signal the immediate exit (worker/shutdown.py)."""
+    state = shutdown.install(settings.shutdown_grace_s)
+
+    def on_shutting_down(sig=None, how=None, **_):
+        state.request(f"{sig} ({how})")
+
+    # Solo pool: Celery's handler, and so this receiver, run in the process that trains.
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False, dispatch_uid="loraq.shutdown")
+    return state
 
 
 def worker_argv(settings: Settings) -> list[str]:

@@ -3,6 +3,11 @@
 The child writes each trainer event as one JSON line to a pipe and everything else (its log,
 warnings, tracebacks) to `train.log`. A crash, an out-of-memory kill or a hang ends only the
 child; the worker that forked it reads the pipe, records the outcome and takes the next job.
+The child never touches the database or Redis, so it trains on while either is away.
+
+`STOP_SIGNAL` (SIGUSR1) asks the child to save a checkpoint at its next step boundary and end
+(trainer/control.py); it then reports a `stopped` event and exits 0. A worker shutting down uses
+it to hand its job over without losing a step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ STEP_LOG_EVERY = 10  # a step line in train.log every this many steps
 LOG_TAIL_BYTES = 2000
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNAL = signal.SIGUSR1
+STOPPED = "stopped"  # the event the child writes after stopping on STOP_SIGNAL: {"type", "step"}
 
 
 class TrainingProcess:
@@ -63,6 +70,9 @@ class TrainingProcess:
             log.warning("worker.cuda_initialized_before_fork: the training child cannot use CUDA")
         read_fd, write_fd = os.pipe()
         parent_pid = os.getpid()
+        # STOP_SIGNAL stays blocked across the fork until the child has its own handler: one sent
+        # right after start waits instead of running the worker's inherited handler (or killing).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
         # A bare fork, not spawn: the child inherits the imported torch/diffusers and starts in
         # milliseconds instead of the seconds a fresh interpreter needs. Not multiprocessing's
         # fork either: its after-fork hooks let kombu close the parent's broker connections from
@@ -71,7 +81,7 @@ class TrainingProcess:
         if pid == 0:
             code = 1
             try:
-                code = _child_main(self.config, read_fd, write_fd, str(self.log_path), parent_pid)
+                code = _child_main(self.config, read_fd, write_fd, str(self.log_path), parent_pid, mask)
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the worker
                 traceback.print_exc()
             finally:
@@ -81,6 +91,7 @@ class TrainingProcess:
                     except Exception:  # noqa: BLE001
                         pass
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)  # only the child writes, so the pipe ends when the child does
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
@@ -105,6 +116,20 @@ class TrainingProcess:
             if self.exitcode is not None:
                 self._eof = True
         return self._take_events()
+
+    def request_stop(self) -> None:
+        """Ask the training to checkpoint at its next step boundary and end (a `stopped` event)."""
+        if self.pid is not None and self.exitcode is None:
+            try:  # the child only: its data loader processes would die of the signal
+                os.kill(self.pid, STOP_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """End the child and its group at once (a worker that must exit now)."""
+        if self.pid is not None and self.exitcode is None:
+            self._signal(signal.SIGKILL)
+            self._wait(None)
 
     def stop(self, grace: float = TERM_GRACE_S) -> None:
         """SIGTERM the child's process group, then SIGKILL it if still there after `grace` s."""
@@ -201,10 +226,16 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
 # In the child
 
 
-def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int) -> int:
-    """Train with events to `write_fd`; 0 on success, 1 after reporting an error event."""
+def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int, mask=frozenset()) -> int:
+    """Train with events to `write_fd`; 0 on success or a stop on request, 1 after reporting an
+    error event."""
+    from trainer import control
+
     os.close(read_fd)
     _detach(parent_pid)
+    control.reset()
+    control.stop_on_signal(STOP_SIGNAL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop sent since the fork arrives now
     log_file = _redirect_output(log_path)
     events_out = os.fdopen(write_fd, "w", buffering=1, encoding="utf-8")
 
@@ -220,6 +251,11 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
 
     try:
         train(config, on_event)
+    except control.StopRequested as stopped:
+        log_file.write(f"{stopped}\n")
+        events_out.write(json.dumps({"type": STOPPED, "step": stopped.step, "time": time.time()}) + "\n")
+        events_out.flush()
+        return 0
     except Exception as error:  # the error event already went to the parent; the traceback goes to the log
         logging.getLogger("trainer").exception("training failed")
         message = write_failure_message(error, Path(config.output_dir), Path(log_path))

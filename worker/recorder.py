@@ -2,7 +2,8 @@
 
 Every transaction starts with a fence, an UPDATE of the job row that matches only while this
 attempt still owns the job: a worker that lost its lease cannot write over a newer attempt.
-Events reach Redis only after their transaction commits.
+Events reach Redis only after their transaction commits; those Redis refused are kept (a bounded
+list) and sent, in order, once it answers again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraq import events, storage
 from loraq.jobs import transition
-from loraq.models import Artifact, ArtifactKind, Job, JobMetric, JobState, utcnow
+from loraq.models import Artifact, ArtifactKind, Job, JobEvent, JobMetric, JobState, utcnow
 from loraq.settings import Settings
 from trainer.model import LORA_WEIGHTS_NAME
 
@@ -26,6 +27,8 @@ log = logging.getLogger("loraq.worker")
 
 OWNED_STATES = (JobState.running, JobState.canceling)
 METRIC_FIELDS = ("loss", "lr", "grad_norm", "epoch", "images_per_s")
+STOPPED = "stopped"  # the child stopped on request after a checkpoint (worker/child.py)
+HANDED_BACK = "worker shutting down"  # the reason on the state event of a job a worker hands back
 
 
 class LostOwnership(Exception):
@@ -46,12 +49,23 @@ class Recorder:
         self.log_path = self.attempt_dir / "train.log"
         self.done: dict | None = None  # the trainer's `done` event, once seen
         self.error: str | None = None  # the message of its last `error` event
+        self.stopped: dict | None = None  # its `stopped` event: it checkpointed and ended on request
+        self.last_seq = 0  # the highest job event number this recorder has committed
+        self._unpublished: list = []  # committed events Redis has not taken yet, oldest first
         # The checkpoint (of any attempt) this attempt resumes from: listed once training starts,
         # since the attempt that wrote it may have died before recording it.
         self.resumed_from: Path | None = None
 
-    def record(self, batch: list[dict]) -> None:
-        """Write a batch of trainer events in one transaction; raises LostOwnership."""
+    def record(self, batch: list[dict], maybe_written: bool = False) -> None:
+        """Write a batch of trainer events in one transaction; raises LostOwnership.
+
+        `maybe_written`: the last try of this batch failed, possibly after its commit went
+        through (the connection broke before the answer came back); a batch found written is
+        not written again, so no job event is repeated.
+        """
+        if maybe_written and self._written(batch):
+            log.info("job.batch_was_written job=%s attempt=%s: not writing it again", self.job_id, self.attempt)
+            return
         # Files are hashed before the transaction opens, so it stays short.
         artifacts = [row for event in batch for row in self._artifacts_of(event) if row]
         with self._transaction() as (session, added):
@@ -85,6 +99,37 @@ class Recorder:
     def cancel(self) -> None:
         self._settle(JobState.canceled, [self._log_artifact()], None, None)
 
+    def hand_back(self) -> int | None:
+        """Put the job back in the queue as the next attempt (its worker is shutting down), which
+        resumes from the checkpoint just written. The attempt does not count against the attempt
+        limit (`attempt_base` moves with it): a deploy is no fault of the job's.
+
+        Returns the new attempt, or None when the job was being canceled (it is canceled now).
+        """
+        new_attempt = self.attempt + 1
+        with self._transaction() as (session, added):
+            self._fence(session)
+            log_row = self._log_artifact()
+            if log_row:
+                _upsert_artifact(session, log_row)
+            state_event = transition(session, self.job_id, JobState.running, JobState.queued, attempt=self.attempt,
+                                     new_attempt=new_attempt, attempt_base=Job.attempt_base + 1, worker=None,
+                                     lease_until=None, event_data={"reason": HANDED_BACK, "attempt": new_attempt})
+            if state_event is None:  # canceling (the fence passed): the cancel wins
+                state_event = transition(session, self.job_id, JobState.canceling, JobState.canceled,
+                                         attempt=self.attempt)
+                new_attempt = None
+            if state_event is None:
+                raise LostOwnership
+            added.append(state_event)
+        return new_attempt
+
+    def publish_pending(self) -> bool:
+        """Send the events Redis refused before; True when none is left."""
+        if self._unpublished:
+            self._unpublished = events.publish(self.redis, self._unpublished)
+        return not self._unpublished
+
     # ----------------------------------------------------------------------------------------
 
     def _settle(self, state: JobState, artifacts: list, event_type: str | None, data: dict | None, **fields) -> None:
@@ -107,7 +152,27 @@ class Recorder:
         added: list = []
         with self.sessions.begin() as session:
             yield session, added
-        events.publish(self.redis, added)
+        if added:
+            self.last_seq = max(self.last_seq, *(event.seq for event in added))
+        # In order: nothing new goes to the stream ahead of what it refused before.
+        self._unpublished = events.publish(self.redis, self._unpublished + added)[-events.STREAM_MAXLEN:]
+
+    def _written(self, batch: list[dict]) -> bool:
+        """Whether `batch` is already in the database: the job event its first step or checkpoint
+        would add is there, after the last one this recorder knows it wrote."""
+        first = next((e for e in batch if e.get("type") in ("step", "checkpoint")), None)
+        if first is None:  # nothing that adds a job event: writing it again repeats nothing
+            return False
+        kind = events.STEP if first["type"] == "step" else events.CHECKPOINT
+        with self.sessions() as session:
+            found = session.execute(select(JobEvent.seq, JobEvent.data).where(
+                JobEvent.job_id == self.job_id, JobEvent.seq > self.last_seq, JobEvent.type == kind)).all()
+        # After last_seq only this attempt writes step and checkpoint events (the claim set it);
+        # a step event also carries the trainer's timestamp.
+        for _seq, data in found:
+            if data.get("step") == first["step"] and (kind == events.CHECKPOINT or data.get("time") == first.get("time")):
+                return True
+        return False
 
     def _fence(self, session: Session, **fields) -> None:
         result = session.execute(
@@ -139,6 +204,9 @@ class Recorder:
             self.done = event
         elif kind == "error":
             self.error = event.get("message") or "training failed without a message"
+        elif kind == STOPPED:
+            self.stopped = event
+        # Any other type (one a newer trainer reports) is left out of the record, never an error.
 
     def _artifacts_of(self, event: dict) -> list[dict]:
         kind, step = event.get("type"), event.get("step")

@@ -19,19 +19,27 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraq import events, jobs
 from loraq.db import make_engine, make_session_factory
-from loraq.errors import AppError
+from loraq.errors import AppError, unavailable_store
 from loraq.models import Dataset, Job, JobState
-from loraq.queue import MAX_ATTEMPT_S
+from loraq.queue import MAX_ATTEMPT_S, enqueue_job, make_celery
 from loraq.settings import Settings
 from trainer.checkpoints import remove_incomplete
 from worker.child import TrainingProcess, free_bytes
 from worker.job_config import build_train_config
-from worker.recorder import OWNED_STATES, LostOwnership, Recorder
+from worker.recorder import HANDED_BACK, OWNED_STATES, LostOwnership, Recorder
+from worker.shutdown import Shutdown
 
 log = logging.getLogger("loraq.worker")
 
 POLL_S = 0.2  # longest wait on the pipe before looking at the lease and for a cancel
 STATE_CHECK_S = 0.4  # the job row is read at least this often, so a cancel acts within a second
+# Trainer events held while the database is away (about a minute of tiny-model steps; an hour of
+# real ones); past it the child waits on its pipe until they are written.
+BUFFER_MAX_EVENTS = 5000
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 4.0  # between tries of a store that does not answer
+# Of the shutdown grace, what is kept for recording the checkpoint and queueing the job: a child
+# that has not stopped by then is killed and the job left to its lease.
+HANDBACK_RESERVE_S = 3.0
 
 
 class Outcome(str, enum.Enum):
@@ -40,6 +48,8 @@ class Outcome(str, enum.Enum):
     failed = "failed"
     canceled = "canceled"
     lost = "lost"  # the attempt lost its lease mid-run; a newer attempt owns the job
+    handed_back = "handed_back"  # the worker is shutting down: queued again as the next attempt
+    abandoned = "abandoned"  # stopped with nothing recorded (grace or lease ran out); the lease covers it
 
 
 def cancel_key(job_id: str) -> str:
@@ -55,15 +65,24 @@ class Resources:
     sessions: sessionmaker[Session]
     redis: redis_lib.Redis
     pid: int = field(default_factory=os.getpid)
+    _celery: object = None
 
     @classmethod
     def open(cls, settings: Settings) -> Resources:
         engine = make_engine(settings)
         return cls(engine, make_session_factory(engine), redis_lib.Redis.from_url(settings.redis_url))
 
+    def celery(self, settings: Settings):
+        """A Celery app to send job messages with (made on first use)."""
+        if self._celery is None:
+            self._celery = make_celery(settings)
+        return self._celery
+
     def close(self) -> None:
         self.engine.dispose()
         self.redis.close()
+        if self._celery is not None:
+            self._celery.close()
 
 
 def default_worker_name() -> str:
@@ -71,18 +90,22 @@ def default_worker_name() -> str:
 
 
 def run_job(settings: Settings, job_id: str, attempt: int, *, worker: str | None = None,
-            resources: Resources | None = None) -> Outcome:
-    """Run attempt `attempt` of job `job_id` to its end, unless another delivery already has it."""
+            resources: Resources | None = None, shutdown: Shutdown | None = None) -> Outcome:
+    """Run attempt `attempt` of job `job_id` to its end, unless another delivery already has it.
+
+    `shutdown`: the worker's; once requested, the job is handed back (see worker/shutdown.py).
+    """
     owned = resources is None
     resources = resources or Resources.open(settings)
     try:
-        return _run(settings, resources, job_id, attempt, worker or default_worker_name())
+        return _run(settings, resources, job_id, attempt, worker or default_worker_name(), shutdown)
     finally:
         if owned:
             resources.close()
 
 
-def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, worker: str) -> Outcome:
+def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, worker: str,
+         shutdown: Shutdown | None = None) -> Outcome:
     with resources.sessions() as session:
         attempt_base = session.scalar(select(Job.attempt_base).where(Job.id == job_id)) or 0
     if attempt - attempt_base > settings.max_attempts:
@@ -96,6 +119,7 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
     log.info("job.claimed job=%s attempt=%s worker=%s", job_id, attempt, worker)
 
     recorder = Recorder(settings, resources.sessions, resources.redis, job_id, attempt)
+    recorder.last_seq = claimed.seq
     try:
         with resources.sessions() as session:
             job = session.get(Job, job_id)
@@ -117,7 +141,7 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
             return _settle(recorder, Outcome.failed, recorder.fail, message)
         except LostOwnership:
             return Outcome.lost
-    return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path)).run()
+    return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path), shutdown).run()
 
 
 def _refuse_over_cap(settings: Settings, resources: Resources, job_id: str, attempt: int) -> Outcome:
@@ -134,24 +158,66 @@ def _refuse_over_cap(settings: Settings, resources: Resources, job_id: str, atte
     return Outcome.failed
 
 
-class Supervisor:
-    """Watches one training child: records its events, renews the lease, acts on a cancel."""
+class StoreOutage:
+    """The database (or Redis) not answering: when it began, and when to try again (backoff)."""
 
-    def __init__(self, settings: Settings, resources: Resources, recorder: Recorder, process: TrainingProcess):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.since: float | None = None  # time.monotonic() of the first failure
+        self._delay = 0.0
+        self._next_try = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self._next_try
+
+    def failed(self, error: BaseException, store: str, now: float) -> None:
+        if self.since is None:
+            self.since = now
+            self._delay = BACKOFF_MIN_S
+            log.warning("job.store_unavailable job=%s store=%s: %s; training goes on, events are held",
+                        self.job_id, store, error)
+        else:
+            self._delay = min(self._delay * 2, BACKOFF_MAX_S)
+        self._next_try = now + self._delay
+
+    def recovered(self, now: float, written: int) -> None:
+        if self.since is not None:
+            log.warning("job.store_back job=%s after %.1f s; %d held events written", self.job_id,
+                        now - self.since, written)
+        self.since = None
+        self._next_try = 0.0
+
+
+class Supervisor:
+    """Watches one training child: records its events, renews the lease, acts on a cancel, hands
+    the job back when the worker shuts down, and rides out a database outage shorter than the
+    lease (the child never needs the database; its events wait in a bounded buffer)."""
+
+    def __init__(self, settings: Settings, resources: Resources, recorder: Recorder, process: TrainingProcess,
+                 shutdown: Shutdown | None = None):
         self.settings = settings
         self.resources = resources
         self.recorder = recorder
         self.process = process
+        self.shutdown = shutdown
         self.job_id, self.attempt = recorder.job_id, recorder.attempt
         self._next_heartbeat = time.monotonic() + settings.heartbeat_s
+        self._renewed_at = time.monotonic()  # the claim set the lease
         self._next_state_check = 0.0
         # The Celery time limits need the prefork pool; with solo the supervisor enforces it.
         self._deadline = time.monotonic() + MAX_ATTEMPT_S
         self._redis_failed = False
+        self._pending: list[dict] = []  # trainer events read but not yet written, oldest first
+        self._maybe_written = False  # the last write of _pending failed, perhaps after its commit
+        self._canceling = False
+        self._stop_asked = False
+        self.outage = StoreOutage(self.job_id)
 
     def run(self) -> Outcome:
         try:
             pid = self.process.start()
+            if self.shutdown is not None:
+                self.shutdown.watch_child(pid)
             log.info("job.started job=%s attempt=%s pid=%s", self.job_id, self.attempt, pid,
                      extra={"job_id": self.job_id, "child_pid": pid})
             return self._watch()
@@ -159,7 +225,7 @@ class Supervisor:
             log.warning("job.lost job=%s attempt=%s: another attempt owns the job now; stopped training",
                         self.job_id, self.attempt)
             return Outcome.lost
-        except Exception as error:  # a worker-side fault (database gone, a bug): fail, never hang
+        except Exception as error:  # a worker-side fault (a bug, an outage past the lease): fail, never hang
             log.exception("job.worker_error job=%s attempt=%s", self.job_id, self.attempt)
             self.process.stop()
             self._remove_incomplete()
@@ -169,24 +235,146 @@ class Supervisor:
             # and the job is left to its lease, so the reaper can resume it as a new attempt.
             self.process.close()
             self._remove_incomplete()
+            if self.shutdown is not None:
+                self.shutdown.watch_child(None)
 
     def _watch(self) -> Outcome:
         while not self.process.finished:
-            batch = self.process.poll(POLL_S)
-            if batch:
-                self.recorder.record(batch)
-            if self._cancel_requested():
+            self._read_events()
+            self._sync()
+            if self._canceling:
                 self.process.stop()
                 self._remove_incomplete()
                 self._forget_cancel_key()
-                return _settle(self.recorder, Outcome.canceled, self.recorder.cancel)
+                return self._with_store(lambda: _settle(self.recorder, Outcome.canceled, self._cancel))
+            if self._lease_ran_out():
+                return self._abandon("its lease ran out while the database was away",
+                                     f"after {self.settings.lease_s:g} s without the database")
+            if self.shutdown is not None and self.shutdown.requested.is_set():
+                self._ask_to_stop()
+                if self.shutdown.left_s() <= HANDBACK_RESERVE_S:
+                    return self._abandon("the shutdown grace ran out before its checkpoint", "left to its lease")
             if time.monotonic() > self._deadline:
                 self.process.stop()
                 self._remove_incomplete()
                 message = f"the attempt ran past its time limit of {MAX_ATTEMPT_S / 3600:g} h"
-                return _settle(self.recorder, Outcome.failed, self.recorder.fail, message)
+                return self._with_store(lambda: _settle(self.recorder, Outcome.failed, self._fail, message))
         self._remove_incomplete()
-        return self._settle_exit()
+        return self._with_store(self._settle_exit)
+
+    # -- events and the database ---------------------------------------------------------------
+
+    def _read_events(self) -> None:
+        """Take what the child wrote. With the buffer full the pipe is left unread, so the child
+        waits on its next write: training pauses rather than an event being dropped."""
+        if len(self._pending) >= BUFFER_MAX_EVENTS:
+            time.sleep(POLL_S)
+            return
+        self._pending.extend(self.process.poll(POLL_S))
+
+    def _sync(self) -> None:
+        """Renew the lease when due, write the held events, read the job's state; a store that
+        does not answer leaves everything held for the next try (with backoff)."""
+        now = time.monotonic()
+        if not self.outage.ready(now):
+            return
+        held = len(self._pending)
+        try:
+            self._store_round(now)
+        except LostOwnership:
+            raise
+        except Exception as error:
+            store = unavailable_store(error)
+            if store is None:
+                raise
+            self.outage.failed(error, store, now)
+            return
+        self.outage.recovered(now, held)
+
+    def _store_round(self, now: float) -> None:
+        if now >= self._next_heartbeat or self.outage.since is not None:
+            with self.resources.sessions.begin() as session:
+                if not jobs.renew_lease(session, self.job_id, self.attempt, self.settings.lease_s):
+                    raise LostOwnership
+            self._renewed_at = now
+            self._next_heartbeat = now + self.settings.heartbeat_s
+        self._flush()
+        if now >= self._next_state_check or self._cancel_key_set():
+            self._next_state_check = now + STATE_CHECK_S
+            with self.resources.sessions() as session:
+                row = session.execute(select(Job.state, Job.attempt).where(Job.id == self.job_id)).first()
+            if row is None or row.attempt != self.attempt or row.state not in [s.value for s in OWNED_STATES]:
+                raise LostOwnership
+            self._canceling = row.state == JobState.canceling.value
+        self.recorder.publish_pending()
+
+    def _flush(self) -> None:
+        """Write the held events, in order, in one transaction."""
+        if not self._pending:
+            return
+        self._maybe_written = True  # cleared only once the commit is known to have happened
+        self.recorder.record(self._pending, maybe_written=self._maybe_written)
+        self._pending = []
+        self._maybe_written = False
+
+    def _with_store(self, write):
+        """Flush the held events, then `write()` (a settle or a hand-back), waiting out an outage
+        (with backoff) while the lease lasts; past it the attempt is abandoned to the reaper."""
+        while True:
+            now = time.monotonic()
+            if self.outage.ready(now):
+                try:
+                    if self.outage.since is not None:
+                        self._store_round(now)
+                    self._flush()
+                    return write()
+                except LostOwnership:
+                    raise
+                except Exception as error:
+                    store = unavailable_store(error)
+                    if store is None:
+                        raise
+                    self.outage.failed(error, store, now)
+            if self._lease_ran_out():
+                return self._abandon("its lease ran out while the database was away", "with its outcome unrecorded")
+            if self.shutdown is not None and self.shutdown.left_s() <= 0:
+                return self._abandon("the shutdown grace ran out", "left to its lease")
+            time.sleep(POLL_S)
+
+    def _lease_ran_out(self) -> bool:
+        return self.outage.since is not None and time.monotonic() - self._renewed_at > self.settings.lease_s
+
+    def _abandon(self, why: str, what: str) -> Outcome:
+        """Stop the child now and leave the job to its lease (the reaper's rules apply)."""
+        self.process.kill()
+        self._remove_incomplete()
+        log.warning("job.abandoned job=%s attempt=%s: %s; %s", self.job_id, self.attempt, why, what)
+        return Outcome.abandoned
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def _ask_to_stop(self) -> None:
+        if not self._stop_asked:
+            self._stop_asked = True
+            self.process.request_stop()
+            log.warning("job.handing_back job=%s attempt=%s: asked the training for a checkpoint at its next step",
+                        self.job_id, self.attempt)
+
+    def _hand_back(self) -> Outcome:
+        """The child checkpointed and stopped: queue the job again as the next attempt, at once."""
+        new_attempt = self.recorder.hand_back()
+        if new_attempt is None:
+            log.info("job.canceled job=%s attempt=%s (canceled while handing back)", self.job_id, self.attempt)
+            return Outcome.canceled
+        log.warning("job.handed_back job=%s attempt=%s step=%s: queued again as attempt %s (%s)", self.job_id,
+                    self.attempt, self.recorder.stopped.get("step"), new_attempt, HANDED_BACK)
+        try:
+            enqueue_job(self.resources.celery(self.settings), self.job_id, new_attempt)
+        except Exception as error:  # noqa: BLE001 - the row is queued; the message is what is lost
+            log.warning("job.enqueue_failed job=%s attempt=%s: %s", self.job_id, new_attempt, error)
+        return Outcome.handed_back
+
+    # -- the end -----------------------------------------------------------------------------------
 
     def _remove_incomplete(self) -> None:
         """Once the child is gone: delete what it left half-written (a checkpoint folder it was
@@ -204,33 +392,25 @@ class Supervisor:
                      ",".join(str(path.relative_to(self.recorder.attempt_dir)) for path in removed))
 
     def _settle_exit(self) -> Outcome:
-        """The child has ended: succeeded if it said `done` and exited 0, else failed with its reason."""
+        """The child has ended: succeeded if it said `done` and exited 0, handed back if it
+        stopped on request, else failed with its reason."""
         if self.process.exitcode == 0 and self.recorder.done:
             if self.recorder.succeed():
                 log.info("job.succeeded job=%s attempt=%s step=%s", self.job_id, self.attempt,
                          self.recorder.done.get("step"))
                 return Outcome.succeeded
             message = "the trainer reported success, but its LoRA file is missing"
+        elif self.process.exitcode == 0 and self.recorder.stopped:
+            return self._hand_back()
         else:
             message = self.recorder.error or self.process.failure_reason()
-        return _settle(self.recorder, Outcome.failed, self.recorder.fail, message)
+        return _settle(self.recorder, Outcome.failed, self._fail, message)
 
-    def _cancel_requested(self) -> bool:
-        """Renew the lease when due and read the job's state; raises LostOwnership."""
-        now = time.monotonic()
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.settings.heartbeat_s
-            with self.resources.sessions.begin() as session:
-                if not jobs.renew_lease(session, self.job_id, self.attempt, self.settings.lease_s):
-                    raise LostOwnership
-        if now < self._next_state_check and not self._cancel_key_set():
-            return False
-        self._next_state_check = now + STATE_CHECK_S
-        with self.resources.sessions() as session:
-            row = session.execute(select(Job.state, Job.attempt).where(Job.id == self.job_id)).first()
-        if row is None or row.attempt != self.attempt or row.state not in [s.value for s in OWNED_STATES]:
-            raise LostOwnership
-        return row.state == JobState.canceling.value
+    def _fail(self, message: str) -> None:
+        self.recorder.fail(message)
+
+    def _cancel(self) -> None:
+        self.recorder.cancel()
 
     def _cancel_key_set(self) -> bool:
         """The API's cancel flag only prompts an early read of the job row, which decides."""
@@ -250,7 +430,7 @@ class Supervisor:
 
     def _fail_safely(self, message: str) -> Outcome:
         try:
-            return _settle(self.recorder, Outcome.failed, self.recorder.fail, message)
+            return _settle(self.recorder, Outcome.failed, self._fail, message)
         except Exception:  # noqa: BLE001 - the database may be what failed; the lease will expire
             log.exception("job.settle_failed job=%s attempt=%s", self.job_id, self.attempt)
             return Outcome.failed

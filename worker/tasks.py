@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 
 from loraq.queue import RUN_JOB_TASK
 from loraq.settings import Settings
-from worker import runner
+from worker import runner, shutdown
 
 
 class _PerProcess:
@@ -30,7 +31,12 @@ def register(app: Celery, settings: Settings) -> Task:
 
     @app.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self: Task, job_id: str, attempt: int) -> str:
+        stopping = shutdown.current()
+        if stopping is not None and stopping.requested.is_set():
+            # Shutting down: the message goes back to the queue for another worker, unclaimed.
+            raise Reject("worker shutting down", requeue=True)
         worker = f"{self.request.hostname}:{os.getpid()}"
-        return runner.run_job(settings, job_id, attempt, worker=worker, resources=resources.get()).value
+        return runner.run_job(settings, job_id, attempt, worker=worker, resources=resources.get(),
+                              shutdown=stopping).value
 
     return run_job
