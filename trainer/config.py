@@ -1,8 +1,11 @@
-"""The one validated configuration of a training run.
+"""The validated configuration of a training run, one model per model family.
 
-Field names and defaults follow diffusers' `train_text_to_image_lora.py`, so its users can bring
-their flags as they are. This module imports only pydantic: the service validates submissions
-with it without importing torch.
+Field names and defaults follow diffusers' `train_text_to_image_lora.py` (SD) and
+`train_text_to_image_lora_sdxl.py` (SDXL), so their users can bring their flags as they are. The
+options every family shares live in `CommonConfig`; each family's model adds its own and records
+its name in `family`. An option of another family is refused naming the option and the family.
+This module imports only pydantic: the service validates submissions with it without importing
+torch.
 """
 
 from __future__ import annotations
@@ -17,13 +20,19 @@ LrScheduler = Literal[
 Interpolation = Literal["bilinear", "bicubic", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
-class TrainConfig(BaseModel):
-    """Options of one LoRA training run (the diffusers script's names and defaults)."""
+class CommonConfig(BaseModel):
+    """Options every family shares (the diffusers scripts' names and defaults)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    # Which family's model this is; each family's config narrows it to its own name.
+    family: str = "sd"
+
     # Model
     pretrained_model_name_or_path: str = Field(min_length=1)
+    # A single-file .safetensors base model takes its component configs and tokenizers from this
+    # local diffusers folder of the same family (never downloaded).
+    pretrained_config_dir: str | None = None
     revision: str | None = None
     variant: str | None = None
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
@@ -70,6 +79,14 @@ class TrainConfig(BaseModel):
     allow_tf32: bool = False
     seed: int | None = Field(default=None, ge=0)
     cache_latents: bool | None = None
+    # The latent cache (trainer/latent_cache.py): RAM it may hold before spilling to disk; a
+    # folder shared by runs (None: private, removed at the end); the shared folder's size limit
+    # (least recently used segments go first); encode everything before the first step (None:
+    # when the numbers say it pays).
+    cache_ram_mb: int = Field(default=2048, ge=0)
+    cache_dir: str | None = None
+    cache_max_bytes: int | None = Field(default=None, ge=0)
+    cache_upfront: bool | None = None
 
     # Output, checkpoints, validation
     output_dir: str = "sd-model-finetuned-lora"
@@ -90,7 +107,7 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
+    def _consistent(self) -> CommonConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on cpu")
         return self
@@ -101,17 +118,52 @@ class TrainConfig(BaseModel):
         return float(self.rank) if self.lora_alpha is None else self.lora_alpha
 
 
+class TrainConfig(CommonConfig):
+    """Stable Diffusion 1.x/2.x: the options of `train_text_to_image_lora.py`."""
+
+    family: Literal["sd"] = "sd"
+
+
+class SDXLConfig(CommonConfig):
+    """Stable Diffusion XL: the options of `train_text_to_image_lora_sdxl.py`."""
+
+    family: Literal["sdxl"] = "sdxl"
+    resolution: int = 1024
+    # A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix), a folder or hub id holding the VAE alone.
+    # The script keeps the pipeline's own VAE in fp32 (SDXL's VAE overflows in fp16) and runs a
+    # separate one in the weight dtype; so does the trainer.
+    pretrained_vae_model_name_or_path: str | None = None
+
+
+FAMILY_CONFIGS: dict[str, type[CommonConfig]] = {"sd": TrainConfig, "sdxl": SDXLConfig}
+AnyConfig = TrainConfig | SDXLConfig
+
+
+def config_model(family: str) -> type[CommonConfig]:
+    """The config model of a family ("sd", "sdxl"); its JSON schema is the family's option form."""
+    try:
+        return FAMILY_CONFIGS[family]
+    except KeyError:
+        raise ConfigError(f"family: {family!r} is not a supported family "
+                          f"(supported: {', '.join(FAMILY_CONFIGS)})") from None
+
+
 class ConfigError(ValueError):
     """A training option is invalid; the message names each bad field."""
 
 
-def format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, family: str | None = None) -> str:
     """One line per problem, each starting with the option's name."""
+    other_options = {name for f, model in FAMILY_CONFIGS.items() if f != family for name in model.model_fields}
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
+            # An option of another family is no typo: say which family lacks it.
+            if family and field in other_options:
+                lines.append(f"{field} is not an option of the {family} family")
+                continue
             message = "unknown option"
         elif item["type"] == "missing":
             message = "is required"
@@ -122,9 +174,16 @@ def format_validation_error(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(values: dict[str, Any]) -> TrainConfig:
-    """Validate raw option values, raising ConfigError with a message naming the bad fields."""
+def load_config(values: dict[str, Any], family: str | None = None) -> AnyConfig:
+    """Validate raw option values for a family, raising ConfigError with a message naming the bad
+    fields. The family is `family`, else the values' own `family` option, else "sd"."""
+    given = values.get("family")
+    if family is None:
+        family = given if isinstance(given, str) else "sd"
+    elif given is not None and given != family:
+        raise ConfigError(f"family: these options are for {given!r}, not {family!r}")
+    model = config_model(family)
     try:
-        return TrainConfig.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, family)) from None

@@ -138,13 +138,21 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         self,
         latent_params: torch.Tensor,
         flipped_params: torch.Tensor | None,
-        text: torch.Tensor,
+        text: torch.Tensor | dict[str, torch.Tensor],
         text_is_embedding: bool,
+        extras: dict[str, torch.Tensor] | None = None,
+        draw_flip=None,
     ):
         self.latent_params = latent_params
         self.flipped_params = flipped_params
+        # Per-example text tensors by batch key (a family's embeddings or token ids); one tensor
+        # is SD's embeddings or ids.
+        if not isinstance(text, dict):
+            text = {"encoder_hidden_states" if text_is_embedding else "input_ids": text}
         self.text = text
-        self.text_key = "encoder_hidden_states" if text_is_embedding else "input_ids"
+        self.extras = extras or {}  # per-image records of the family (SDXL: original size, crop)
+        # The family's flip draw (SD: torch, as torchvision's flip; SDXL: Python's random).
+        self.draw_flip = draw_flip or (lambda: bool(torch.rand(1) < 0.5))
         self.memory_format = torch.contiguous_format  # the VAE output's layout, set by the trainer
 
     def __len__(self) -> int:
@@ -152,9 +160,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         params = self.latent_params[index]
-        if self.flipped_params is not None and bool(torch.rand(1) < 0.5):
+        if self.flipped_params is not None and self.draw_flip():
             params = self.flipped_params[index]
-        return {"latent_params": params, self.text_key: self.text[index]}
+        item = {"latent_params": params}
+        item.update((key, values[index]) for key, values in self.text.items())
+        item.update((key, values[index]) for key, values in self.extras.items())
+        return item
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""`train(config, on_event)`: the LoRA loop of diffusers' `train_text_to_image_lora.py`.
+"""`train(config, on_event)`: the LoRA loop of diffusers' `train_text_to_image_lora.py` and
+`train_text_to_image_lora_sdxl.py`, one loop for every model family.
 
-Setup follows the script's order, because every random draw must land where the script's does
+Setup follows the scripts' order, because every random draw must land where the scripts' do
 (LoRA init, data order, then per step the VAE latent sample, noise, timesteps): a user moving
-from the script gets its loss curve. Where this loop differs from the script, it says why.
+from a script gets its loss curve. Everything that differs between families (components, image
+transform, text conditioning, the UNet call, LoRA files, validation pipeline) is asked of
+`run.family` (trainer/families/). Where this loop differs from the scripts, it says why.
 """
 
 from __future__ import annotations
@@ -11,24 +14,25 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from trainer import checkpoints, control, data, validation
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import CommonConfig, ConfigError
+from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
 from trainer.events import Event, EventSink, Throughput, ignore_events
+from trainer.families import Components, Conditioning, Family, get_family
 from trainer.losses import diffusion_loss, training_target
 from trainer.model import (
-    TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, WEIGHT_DTYPES, Components, load_adapter_state,
-    KOHYA_WEIGHTS_NAME, load_components, lora_config, save_adapter_state, save_kohya_lora, save_lora,
+    KOHYA_WEIGHTS_NAME, WEIGHT_DTYPES, ModelLoadError, load_adapter_state, save_adapter_state,
 )
 
 logger = logging.getLogger("trainer")
@@ -38,12 +42,14 @@ logger = logging.getLogger("trainer")
 class Run:
     """Everything a training run holds once set up."""
 
-    config: TrainConfig
+    config: CommonConfig
+    family: Family
     accelerator: Accelerator
+    # The family's components as training uses them: trainable models are the prepared ones.
     components: Components
     weight_dtype: torch.dtype
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    # The models with LoRA by component name ("unet" first), as prepared by accelerate.
+    models: dict[str, torch.nn.Module]
     lora_parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -54,9 +60,24 @@ class Run:
     max_train_steps: int
     num_train_epochs: int
     num_update_steps_per_epoch: int
-    trainable: tuple = field(default_factory=tuple)
     # The memory layout of the VAE's output here; sampling follows it (see draw_inputs).
     latent_memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def trainable(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(self.models.values())
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.components.unet
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The (first) text encoder: with LoRA and prepared when it is trained."""
+        return self.components.text_encoder
+
+    def unwrapped(self, models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        return {name: self.accelerator.unwrap_model(model) for name, model in models.items()}
 
 
 @dataclass
@@ -69,7 +90,7 @@ class TrainResult:
     validation_images: list[str]
 
 
-def train(config: TrainConfig, on_event: EventSink = ignore_events) -> TrainResult:
+def train(config: CommonConfig, on_event: EventSink = ignore_events) -> TrainResult:
     """Train a LoRA as configured, reporting progress to `on_event`; raises on failure after
     reporting an `error` event."""
     try:
@@ -81,11 +102,13 @@ def train(config: TrainConfig, on_event: EventSink = ignore_events) -> TrainResu
         raise
 
 
-def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
-    """Build the accelerator, models with LoRA, optimizer, data and schedule, in the script's order.
+def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
+    """Build the accelerator, models with LoRA, optimizer, data and schedule, in the scripts' order.
 
     `data_folder` is where the images are (a zip's extraction); by default `train_data_dir`.
     """
+    family = get_family(config.family)
+    check_family(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -97,6 +120,7 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
         mixed_precision=config.mixed_precision,
         cpu=config.device == "cpu",
         project_config=ProjectConfiguration(project_dir=config.output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family.ddp_find_unused_parameters)],
     )
     if config.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise ConfigError("mixed_precision: fp16 needs a CUDA device; use bf16 or no here")
@@ -105,30 +129,19 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
-    components = load_components(config)
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
+    components = family.load(config)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    family.place(components, config, accelerator.device, weight_dtype)
 
     # LoRA init draws the first random numbers of the run.
-    unet.add_adapter(lora_config(config, UNET_TARGET_MODULES))
-    trainable = [unet]
-    if config.train_text_encoder:
-        text_encoder.add_adapter(lora_config(config, TEXT_ENCODER_TARGET_MODULES))
-        trainable.append(text_encoder)
+    trainable = family.add_adapters(components, config)
     if config.mixed_precision != "no":
-        cast_training_params(trainable, dtype=torch.float32)
-    # A list, not the script's `filter(...)`: the script's iterator is exhausted by the optimizer,
-    # so its later clip_grad_norm_ clips nothing.
-    lora_parameters = [p for model in trainable for p in model.parameters() if p.requires_grad]
+        cast_training_params(list(trainable.values()), dtype=torch.float32)
+    # A list, not the SD script's `filter(...)`: that iterator is exhausted by the optimizer, so
+    # its later clip_grad_norm_ clips nothing (the SDXL script builds a list, as here).
+    lora_parameters = [p for model in trainable.values() for p in model.parameters() if p.requires_grad]
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        family.enable_gradient_checkpointing(trainable)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -141,7 +154,7 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
     )
 
     dataset, cached, num_examples = _build_dataset(
-        config, data_folder or Path(config.train_data_dir), components, accelerator.device, weight_dtype
+        config, family, data_folder or Path(config.train_data_dir), components, accelerator.device
     )
     sampler = data.EpochBatchSampler(len(dataset), config.train_batch_size, accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(
@@ -160,35 +173,50 @@ def setup(config: TrainConfig, data_folder: Path | None = None) -> Run:
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=scheduler_steps,
     )
-    prepared = accelerator.prepare(*trainable, optimizer, dataloader, lr_scheduler)
-    trainable = tuple(prepared[: len(trainable)])
+    prepared = accelerator.prepare(*trainable.values(), optimizer, dataloader, lr_scheduler)
+    models = dict(zip(trainable, prepared[: len(trainable)]))
     optimizer, dataloader, lr_scheduler = prepared[len(trainable):]
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    _register_checkpoint_hooks(accelerator, trainable)
+    _register_checkpoint_hooks(accelerator, list(models))
 
     return Run(
-        config=config, accelerator=accelerator, components=components, weight_dtype=weight_dtype,
-        unet=trainable[0], text_encoder=trainable[1] if config.train_text_encoder else text_encoder,
+        config=config, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
+        # Training calls the prepared models (DDP must see their forward passes to sync gradients).
+        components=dataclasses.replace(components, **models), models=models,
         lora_parameters=lora_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
         dataloader=dataloader, sampler=sampler, num_examples=num_examples, cached=cached,
         max_train_steps=max_train_steps, num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
-        num_update_steps_per_epoch=steps_per_epoch, trainable=trainable,
+        num_update_steps_per_epoch=steps_per_epoch,
         latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
     )
 
 
-def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, ...]:
-    """Encode, noise: latents, noise, timesteps and text embeddings for one batch (the random part)."""
-    components, config = run.components, run.config
+def check_family(config: CommonConfig) -> None:
+    """The base model must be of the config's family; anything else is named, not crashed on."""
+    source = config.pretrained_model_name_or_path
+    try:
+        detected = detect_family(source)
+    except ModelNotFound as error:
+        raise ModelLoadError(f"pretrained_model_name_or_path: cannot load {source!r}: {error}") from None
+    except UnsupportedModel as error:
+        raise ModelLoadError(f"pretrained_model_name_or_path: {error}") from None
+    if detected != config.family:
+        raise ConfigError(f"pretrained_model_name_or_path: {source} is a {detected} model, but the options "
+                          f"are for the {config.family} family (set family: {detected})")
+
+
+def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
+    """Encode, noise: latents, noise, timesteps and the UNet's conditioning for one batch (the
+    random part)."""
+    components, config, family = run.components, run.config, run.family
     if "latent_params" in batch:  # cached posterior, sampled anew each step as the VAE would
         # randn_like(latents) fills in memory order, so the cached parameters take the layout the
         # VAE gives them (channels-last on some CPUs); otherwise the noise would differ.
         params = batch["latent_params"].contiguous(memory_format=run.latent_memory_format)
-        latents = DiagonalGaussianDistribution(params).sample()
     else:
-        latents = components.vae.encode(batch["pixel_values"].to(dtype=run.weight_dtype)).latent_dist.sample()
-    latents = latents * components.vae.config.scaling_factor
+        params = family.encode_image_params(components, batch["pixel_values"])
+    latents = family.sample_latents(components, params, run.weight_dtype)
 
     noise = torch.randn_like(latents)
     if config.noise_offset:
@@ -198,20 +226,16 @@ def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, ...]:
         0, components.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
     ).long()
 
-    if "encoder_hidden_states" in batch:
-        encoder_hidden_states = batch["encoder_hidden_states"]
-    else:
-        encoder_hidden_states = run.text_encoder(batch["input_ids"], return_dict=False)[0]
-    return latents, noise, timesteps, encoder_hidden_states
+    return latents, noise, timesteps, family.conditioning(components, batch, config, run.weight_dtype)
 
 
-def optimize(run: Run, latents, noise, timesteps, encoder_hidden_states) -> tuple[float, float | None]:
+def optimize(run: Run, latents, noise, timesteps, conditioning: Conditioning) -> tuple[float, float | None]:
     """Predict, loss, backward, clip, step. Returns the loss gathered across processes and the
     gradient norm before clipping (None on accumulation steps that do not sync)."""
     scheduler = run.components.noise_scheduler
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
-    model_pred = run.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = run.family.predict(run.unet, noisy_latents, timesteps, conditioning)
     loss = diffusion_loss(model_pred, target, scheduler, timesteps, run.config.snr_gamma)
 
     # Every process's mean loss, for logging.
@@ -226,7 +250,7 @@ def optimize(run: Run, latents, noise, timesteps, encoder_hidden_states) -> tupl
     return avg_loss, grad_norm
 
 
-def _train(config: TrainConfig, on_event: EventSink) -> TrainResult:
+def _train(config: CommonConfig, on_event: EventSink) -> TrainResult:
     with data.dataset_folder(config.train_data_dir) as folder:
         return _train_in(setup(config, folder), on_event)
 
@@ -282,10 +306,9 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
     accelerator.wait_for_everyone()
     lora_path = Path(config.output_dir) / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(run.unet)
-        text_encoder = accelerator.unwrap_model(run.text_encoder) if config.train_text_encoder else None
-        lora_path = save_lora(config.output_dir, unet, text_encoder)
-        save_kohya_lora(config.output_dir, config.effective_lora_alpha, unet, text_encoder)
+        models = run.unwrapped(run.models)
+        lora_path = run.family.save_lora(config.output_dir, models)
+        run.family.save_kohya_lora(config.output_dir, config.effective_lora_alpha, models)
         (Path(config.output_dir) / "training_config.json").write_text(config.model_dump_json(indent=2))
         if config.validation_prompt:
             images += _final_validation(run, lora_path.parent, global_step, emit)
@@ -300,18 +323,17 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
 # Data and the latent cache
 
 
-def _build_dataset(config: TrainConfig, folder: Path, components: Components, device, dtype):
+def _build_dataset(config: CommonConfig, family: Family, folder: Path, components: Components, device):
     """The dataset to train on, and whether it serves cached latents instead of pixels."""
-    transform = data.ImageTransform(config.resolution, config.center_crop, config.random_flip,
-                                    config.image_interpolation_mode)
+    transform = family.image_transform(config)
     examples = data.scan_examples(folder, config.caption_column, config.missing_captions)
     examples = data.select_samples(examples, config.max_train_samples, config.seed)
     if _use_cache(config, examples, transform):
-        return _cached_dataset(config, examples, transform, components, device, dtype), True, len(examples)
-    return data.ImageCaptionDataset(examples, transform, components.tokenizer), False, len(examples)
+        return _cached_dataset(config, family, examples, transform, components, device), True, len(examples)
+    return family.dataset(config, examples, components), False, len(examples)
 
 
-def _use_cache(config: TrainConfig, examples: list[data.Example], transform: data.ImageTransform) -> bool:
+def _use_cache(config: CommonConfig, examples: list[data.Example], transform: data.ImageTransform) -> bool:
     """Cache when every crop is fixed and captions are single strings (unless turned off)."""
     if config.cache_latents is False:
         return False
@@ -324,26 +346,42 @@ def _use_cache(config: TrainConfig, examples: list[data.Example], transform: dat
     return not random_crops and not multi_caption
 
 
+def _transformed(transform, example: data.Example, flip: bool) -> dict[str, torch.Tensor]:
+    """One image through the family's transform, as a dict with `pixel_values`."""
+    item = transform(data.load_rgb(example.path), flip=flip)
+    return item if isinstance(item, dict) else {"pixel_values": item}
+
+
 @torch.no_grad()
-def _cached_dataset(config, examples, transform, components: Components, device, dtype) -> data.CachedLatentDataset:
-    """Encode every image (and its mirror image when flipping) once, and every caption once."""
-    params, flipped = [], []
-    for start in range(0, len(examples), config.train_batch_size):
-        chunk = examples[start:start + config.train_batch_size]
-        pixels = torch.stack([transform(data.load_rgb(e.path), flip=False) for e in chunk]).to(device, dtype)
-        params.append(components.vae.encode(pixels).latent_dist.parameters)
+def _cached_dataset(config, family: Family, examples, transform, components: Components, device) -> data.CachedLatentDataset:
+    """Encode every image (and its mirror image when flipping) once, and every caption once.
+
+    The family's per-image records (SDXL's original size and crop) do not depend on the flip when
+    the crop is fixed, so they are kept once per image.
+    """
+    params, flipped, records = [], [], []
+    batch_size = config.train_batch_size
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        items = [_transformed(transform, e, flip=False) for e in chunk]
+        pixels = torch.stack([item.pop("pixel_values") for item in items]).to(device)
+        params.append(family.encode_image_params(components, pixels))
+        records.extend(items)
         if config.random_flip:
-            flipped.append(components.vae.encode(pixels.flip(-1)).latent_dist.parameters)
-    input_ids = data.tokenize(components.tokenizer, [e.caption for e in examples]).to(device)
-    text = input_ids
+            # Through the transform, not pixels.flip(-1): SDXL flips before it crops.
+            mirrored = torch.stack([_transformed(transform, e, flip=True)["pixel_values"] for e in chunk])
+            flipped.append(family.encode_image_params(components, mirrored.to(device)))
+    tokens = {key: ids.to(device) for key, ids in family.tokenize(components, [e.caption for e in examples]).items()}
+    text = tokens
     if not config.train_text_encoder:
-        text = torch.cat([
-            components.text_encoder(input_ids[i:i + config.train_batch_size], return_dict=False)[0]
-            for i in range(0, len(input_ids), config.train_batch_size)
-        ])
+        parts = [family.encode_text(components, {k: v[i:i + batch_size] for k, v in tokens.items()})
+                 for i in range(0, len(examples), batch_size)]
+        text = {key: torch.cat([part[key] for part in parts]) for key in family.text_keys}
+    extras = {key: torch.stack([r[key] for r in records]) for key in (records[0] if records else {})}
     dataset = data.CachedLatentDataset(
         torch.cat(params), torch.cat(flipped) if flipped else None, text,
-        text_is_embedding=not config.train_text_encoder,
+        text_is_embedding=not config.train_text_encoder, extras=extras,
+        draw_flip=getattr(transform, "draw_flip", None),
     )
     if params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous():
         dataset.memory_format = torch.channels_last
@@ -354,9 +392,8 @@ def _cached_dataset(config, examples, transform, components: Components, device,
 # Checkpoints
 
 
-def _register_checkpoint_hooks(accelerator: Accelerator, trainable: tuple) -> None:
+def _register_checkpoint_hooks(accelerator: Accelerator, names: list[str]) -> None:
     """Checkpoints hold only the adapters, not a copy of the frozen base model."""
-    names = ["unet", "text_encoder"][: len(trainable)]
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -388,9 +425,7 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_done: int) 
             lookahead = sampler.position == batches_done + accelerator.num_processes - 1
             rng_before = sampler.rng_at_position if lookahead else None
         checkpoints.write_state(path, state, rng_before, config.model_dump(mode="json"))
-        unet = accelerator.unwrap_model(run.unet)
-        text_encoder = accelerator.unwrap_model(run.text_encoder) if config.train_text_encoder else None
-        save_lora(path, unet, text_encoder)
+        run.family.save_lora(path, run.unwrapped(run.models))
     return Event("checkpoint", step=global_step, total_steps=run.max_train_steps, epoch=epoch, paths=[str(path)])
 
 
@@ -420,12 +455,8 @@ def _validate(run: Run, prefix: str, step: int, emit: EventSink) -> list[str]:
         return []
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        pipeline = validation.pipeline_with(
-            config.pretrained_model_name_or_path, config.revision, config.variant, run.weight_dtype,
-            accelerator.device, unet=accelerator.unwrap_model(run.unet),
-            text_encoder=accelerator.unwrap_model(run.text_encoder), vae=run.components.vae,
-            tokenizer=run.components.tokenizer,
-        )
+        models = run.unwrapped(run.family.models(run.components))
+        pipeline = run.family.pipeline(config, run.weight_dtype, accelerator.device, **models)
         started = time.perf_counter()
         rendered = validation.render(
             pipeline, config.validation_prompt, config.num_validation_images, config.seed,
@@ -441,10 +472,9 @@ def _final_validation(run: Run, lora_dir: Path, step: int, emit: EventSink) -> l
     """Render with the base model plus the saved LoRA file, proving the file loads."""
     config = run.config
     with torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
-        pipeline = validation.pipeline_with(
-            config.pretrained_model_name_or_path, config.revision, config.variant, run.weight_dtype,
-            run.accelerator.device,
-        )
+        # A fresh base model plus the saved file; the VAE is the one trained with (the script
+        # passes it too: a separate VAE, or SDXL's fp32 one).
+        pipeline = run.family.pipeline(config, run.weight_dtype, run.accelerator.device, vae=run.components.vae)
         pipeline.load_lora_weights(str(lora_dir))
         rendered = validation.render(
             pipeline, config.validation_prompt, config.num_validation_images, config.seed,
