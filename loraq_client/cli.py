@@ -393,10 +393,10 @@ def models(ctx, as_json):
     if as_json:
         return _print_json(found)
     table = Table()
-    for column in ("name", "source", "available"):
+    for column in ("name", "family", "source", "available"):
         table.add_column(column, overflow="fold")
     for m in found:
-        table.add_row(m.name, m.source, "yes" if m.available else "no")
+        table.add_row(m.name, m.family or "-", m.source, "yes" if m.available else f"no: {m.problem}")
     out.print(table)
 
 

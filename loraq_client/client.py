@@ -125,6 +125,10 @@ class Model:
     name: str
     source: str = ""
     available: bool = False
+    family: str | None = None  # "sd", "sdxl"; None when the server cannot read or support it
+    kind: str | None = None  # folder, hub or single_file
+    origin: str = ""  # demo, settings or added
+    problem: str | None = None  # why a job cannot train on it
     raw: dict = field(default_factory=dict, repr=False)
 
 
@@ -389,6 +393,14 @@ class Client:
 
     def models(self) -> list[Model]:
         return [_build(Model, m) for m in self._request("GET", "/v1/models").json()]
+
+    def add_model(self, source: str, name: str | None = None, config: str | None = None) -> Model:
+        """Admins: register a server-side folder, single-file checkpoint or cached hub id."""
+        body = {k: v for k, v in {"source": source, "name": name, "config": config}.items() if v is not None}
+        return _build(Model, self._request("POST", "/v1/models", json=body).json())
+
+    def remove_model(self, name: str) -> None:
+        self._request("DELETE", f"/v1/models/{name}")
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from loraq import storage
+from sqlalchemy.orm import object_session
+
+from loraq import registry, storage
 from loraq.errors import AppError
 from loraq.models import Dataset, Job
 from loraq.settings import Settings
@@ -16,29 +18,36 @@ log = logging.getLogger("loraq.worker")
 
 # Options the service sets; a value the user gave for one of these is dropped, never obeyed, so a
 # job cannot read another model or write outside its attempt folder.
-SERVICE_OPTIONS = frozenset({"pretrained_model_name_or_path", "train_data_dir", "output_dir", "device",
-                             "resume_from_checkpoint"})
+SERVICE_OPTIONS = frozenset({"pretrained_model_name_or_path", "pretrained_config_dir", "train_data_dir",
+                             "output_dir", "device", "resume_from_checkpoint", "cache_dir", "cache_max_bytes"})
 
 
 def build_train_config(settings: Settings, job: Job, dataset: Dataset, attempt: int) -> TrainConfig:
     """Validate the job's options with the paths of this attempt; raises ConfigError naming the problem."""
-    models = settings.allowed_models()
-    if job.base_model not in models:
+    # The job's own session reads the registry: a model an admin added since start is known here too.
+    entry = registry.find_model(settings, object_session(job), job.base_model)
+    if entry is None:
         raise ConfigError(f"base_model: {job.base_model!r} is not one of the allowed models")
+    model = registry.describe(settings, entry)
+    if model.problem is not None:
+        raise ConfigError(f"base_model: {job.base_model!r} cannot be trained here: {model.problem}")
     ignored = sorted(SERVICE_OPTIONS & set(job.config))
     if ignored:
         log.warning("job.options_ignored job=%s options=%s", job.id, ",".join(ignored))
     values = {key: value for key, value in job.config.items() if key not in SERVICE_OPTIONS}
     values.update(
-        pretrained_model_name_or_path=models[job.base_model],
+        **model.trainer_values(),
         train_data_dir=str(dataset_path(settings, dataset.storage_path)),
         output_dir=str(storage.attempt_dir(settings, job.id, attempt)),
         device=settings.worker_device,
+        # One latent cache for every job here: a sweep over one dataset encodes it once.
+        cache_dir=str(settings.latent_cache_dir.resolve()),
+        cache_max_bytes=settings.cache_max_bytes,
     )
     resume = resume_checkpoint(settings, job.id, attempt)
     if resume is not None:
         values["resume_from_checkpoint"] = str(resume)
-    return load_config(values)
+    return load_config(values, model.family)
 
 
 def dataset_path(settings: Settings, storage_path: str) -> Path:

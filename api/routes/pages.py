@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.services.jobs import SERVICE_DEFAULTS, SERVICE_FIELDS
-from trainer.config import TrainConfig
+from loraq.errors import NotFound
+from trainer.config import ConfigError, config_model
 
 log = logging.getLogger("loraq.api.pages")
 
@@ -48,15 +49,21 @@ def job_page(job_id: str) -> FileResponse:
 
 
 @router.get("/dashboard/options.json")
-def training_options() -> dict:
-    """The trainer's option schema as a submission sees it: without the options the service sets,
-    and with the service's defaults. The form is built from it, so it never drifts from the trainer."""
-    schema = TrainConfig.model_json_schema()
-    properties = {name: spec for name, spec in schema["properties"].items() if name not in SERVICE_FIELDS}
+def training_options(family: str = "sd") -> dict:
+    """A family's option schema as a submission sees it: without the options the service sets (and
+    the family, which the base model decides), with the service's defaults. The form is built from
+    it, so it never drifts from the trainer and offers only the chosen model's family's options."""
+    try:
+        schema = config_model(family).model_json_schema()
+    except ConfigError as error:
+        raise NotFound(str(error)) from None
+    properties = {name: spec for name, spec in schema["properties"].items()
+                  if name not in SERVICE_FIELDS and name != "family"}
     for name, default in SERVICE_DEFAULTS.items():
         if name in properties:
             properties[name] = {**properties[name], "default": default}
-    return {"properties": properties, "required": [n for n in schema.get("required", []) if n in properties]}
+    return {"family": family, "properties": properties,
+            "required": [n for n in schema.get("required", []) if n in properties]}
 
 
 def mount_static(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import load_dataset, visible
+from api.services.models import resolve_for_job
 from api.services.quotas import check_queued_jobs
 from api.schemas import JobCreate, JobOut
 from loraq import events, storage
@@ -29,14 +30,15 @@ from loraq.errors import Conflict, Invalid, NotFound
 from loraq.jobs import transition
 from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
 from loraq.queue import enqueue_job
+from loraq.registry import ModelStatus
 from loraq.settings import Settings
 from trainer.config import ConfigError, TrainConfig, load_config
 
 log = logging.getLogger("loraq.api.jobs")
 
 # Options the service sets for every job; a submission may not.
-SERVICE_FIELDS = frozenset({"pretrained_model_name_or_path", "train_data_dir", "output_dir",
-                            "resume_from_checkpoint", "device"})
+SERVICE_FIELDS = frozenset({"pretrained_model_name_or_path", "pretrained_config_dir", "train_data_dir",
+                            "output_dir", "resume_from_checkpoint", "device"})
 # A dataset accepts uncaptioned images, so jobs train them with an empty caption unless told otherwise.
 SERVICE_DEFAULTS = {"missing_captions": "empty"}
 CANCEL_FLAG_TTL_S = 24 * 3600
@@ -59,15 +61,16 @@ def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_base_model(settings: Settings, base_model: str) -> str:
-    """What the trainer loads for `base_model`; only names from settings.allowed_models() pass."""
-    if base_model.startswith(("/", ".", "~")) or ("/" in base_model and _exists(base_model)):
+def check_base_model(settings: Settings, base_model: str, session: Session) -> ModelStatus:
+    """The registered model `base_model` names, with its family; only names GET /v1/models lists pass."""
+    if _is_path(base_model):
         raise Invalid(f"base_model: filesystem paths are not accepted ({base_model!r}); "
                       "name a model GET /v1/models lists")
-    allowed = settings.allowed_models()
-    if base_model not in allowed:
-        raise Invalid(f"base_model: unknown base model {base_model!r}; GET /v1/models lists them")
-    return allowed[base_model]
+    return resolve_for_job(session, settings, base_model)
+
+
+def _is_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or ("/" in value and _exists(value))
 
 
 def _exists(path: str) -> bool:
@@ -77,21 +80,25 @@ def _exists(path: str) -> bool:
         return False
 
 
-def validate_options(settings: Settings, dataset: Dataset, model_source: str, options: dict
+def validate_options(settings: Settings, dataset: Dataset, model: ModelStatus, options: dict
                      ) -> tuple[TrainConfig, int]:
-    """The trainer's validated config for these options (service fields filled in) and its step count."""
+    """The model family's validated config for these options (service fields filled in) and its step count."""
     owned = sorted(SERVICE_FIELDS & options.keys())
     if owned:
         raise Invalid("; ".join(f"{name}: set by the service" for name in owned))
+    vae = options.get("pretrained_vae_model_name_or_path")
+    if isinstance(vae, str) and _is_path(vae):  # as for base_model: no reading the server's files by path
+        raise Invalid(f"pretrained_vae_model_name_or_path: filesystem paths are not accepted ({vae!r}); "
+                      "give a hub id in the server's cache")
     not_finite = sorted(k for k, v in options.items() if isinstance(v, float) and not math.isfinite(v))
     if not_finite:  # JSON lets NaN and Infinity through; the trainer and PostgreSQL must not see them
         raise Invalid("; ".join(f"{name}: must be a finite number" for name in not_finite))
     device = settings.worker_device if settings.worker_device in DEVICES else "auto"
-    values = {**SERVICE_DEFAULTS, **options, "pretrained_model_name_or_path": model_source,
+    values = {**SERVICE_DEFAULTS, **options, **model.trainer_values(),
               "train_data_dir": str(storage.dataset_dir(settings, dataset.id)),
               "output_dir": "output", "device": device}  # placeholders; the worker sets the real ones
     try:
-        config = load_config(values)
+        config = load_config(values, model.family)
     except ConfigError as error:
         raise Invalid(str(error)) from None
     steps = total_steps(config, dataset.image_count)
@@ -130,7 +137,8 @@ def check_submission(session: Session, settings: Settings, principal: Principal,
     """What a submission would train (its dataset, validated config and step count), or the
     404/422 that submitting it would get."""
     dataset = load_dataset(session, principal, body.dataset_id)
-    config, steps = validate_options(settings, dataset, check_base_model(settings, body.base_model), body.options)
+    model = check_base_model(settings, body.base_model, session)
+    config, steps = validate_options(settings, dataset, model, body.options)
     return dataset, config, steps
 
 

@@ -138,7 +138,7 @@ export function jobPage(main, ctx) {
   }
 
   async function showFacts() {
-    const facts = [['Base model', job.base_model], ['Attempt', job.attempt], ['Worker', job.worker || '—'],
+    const facts = [['Base model', job.base_model], ['Family', job.config?.family ?? 'sd'], ['Attempt', job.attempt], ['Worker', job.worker || '—'],
       ['Queued', fmt.dateTime(job.queued_at)], ['Started', fmt.dateTime(job.started_at)],
       ['Finished', fmt.dateTime(job.finished_at)], ['Job id', job.id]];
     const datasetCell = h('dd', {text: fmt.shortId(job.dataset_id)});

@@ -1,6 +1,8 @@
 // New job: a dataset (chosen or uploaded), a base model from GET /v1/models, a preset, every
-// training option, and the server's messages shown next to the fields they name: checked as the
-// user types (POST /v1/jobs/validate, the submit's own checks) and again on submit.
+// training option of the model's family, and the server's messages shown next to the fields they
+// name: checked as the user types (POST /v1/jobs/validate, the submit's own checks) and again on
+// submit. Picking a model of another family rebuilds the options from that family's schema
+// (/dashboard/options.json?family=...), keeping the values both families share.
 
 import {ApiError, get, getAll, isAbort, post} from '../api.js';
 import {h, replace} from '../dom.js';
@@ -14,22 +16,44 @@ export async function newJobPage(main, ctx) {
   let schema;
   let models;
   let datasets;
+  const schemas = familySchemas(ctx.signal);
   try {
-    [schema, models, datasets] = await Promise.all([
-      fetch('/dashboard/options.json', {signal: ctx.signal}).then((r) => r.json()),
-      get('/v1/models', {signal: ctx.signal}),
-      getAll('/v1/datasets', {signal: ctx.signal}),
-    ]);
+    [models, datasets] = await Promise.all([get('/v1/models', {signal: ctx.signal}),
+      getAll('/v1/datasets', {signal: ctx.signal})]);
+    const first = models.find((m) => m.available) ?? models[0];
+    schema = await schemas(first?.family ?? 'sd');
   } catch (error) {
     main.append(errorNotice(error) ?? '');
     return;
   }
-  const form = jobForm(schema, models, datasets, ctx);
+  const form = jobForm(schema, schemas, models, datasets, ctx);
   main.append(form);
 }
 
-function jobForm(schema, models, datasets, ctx) {
-  const options = optionsForm(schema);
+/** family -> its options schema, each fetched once per page. */
+function familySchemas(signal) {
+  const cache = new Map();
+  return (family) => {
+    if (!cache.has(family)) {
+      cache.set(family, fetch(`/dashboard/options.json?family=${encodeURIComponent(family)}`, {signal})
+        .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`no options for the ${family} family (${r.status})`)))));
+    }
+    return cache.get(family);
+  };
+}
+
+const FAMILY_NOTES = {
+  sd: 'Stable Diffusion 1.x/2.x: the options of diffusers’ train_text_to_image_lora.py',
+  sdxl: 'Stable Diffusion XL: the options of diffusers’ train_text_to_image_lora_sdxl.py',
+};
+
+function modelLabel(m) {
+  const family = m.family ? ` · ${m.family}` : '';
+  return `${m.name}${family}${m.available ? '' : ' (cannot train here)'}`;
+}
+
+function jobForm(schema, schemas, models, datasets, ctx) {
+  let options = optionsForm(schema);
   const general = h('div', {class: 'form-errors', role: 'alert'});
   const slot = (name) => h('p', {class: 'field-error', id: `err-${name}`});
   const errors = {dataset_id: slot('dataset_id'), base_model: slot('base_model'), name: slot('name')};
@@ -48,8 +72,20 @@ function jobForm(schema, models, datasets, ctx) {
     validateSoon();
   });
 
-  const modelSelect = h('select', {id: 'base-model', name: 'base_model', 'aria-describedby': 'err-base_model'},
-    models.map((m) => h('option', {value: m.name, text: `${m.name}${m.available ? '' : ' (not on this machine)'}`})));
+  const modelSelect = h('select', {id: 'base-model', name: 'base_model', 'aria-describedby': 'err-base_model model-family',
+    onchange: () => onModelChange()},
+    models.map((m) => h('option', {value: m.name, text: modelLabel(m), dataset: {family: m.family ?? ''}})));
+  modelSelect.value = (models.find((m) => m.available) ?? models[0])?.name ?? '';
+  const familyNote = h('p', {class: 'hint', id: 'model-family'});
+  const modelOf = () => models.find((m) => m.name === modelSelect.value);
+  const showFamily = () => {
+    const model = modelOf();
+    familyNote.textContent = !model ? '' : model.family
+      ? `Family: ${model.family}. ${FAMILY_NOTES[model.family] ?? ''}${model.problem ? ` · ${model.problem}` : ''}`
+      : model.problem ?? '';
+  };
+  showFamily();
+  let activePreset = null;
   const nameInput = h('input', {id: 'job-name', name: 'name', type: 'text', maxlength: '200', autocomplete: 'off',
     placeholder: 'optional', 'aria-describedby': 'err-name'});
 
@@ -63,8 +99,44 @@ function jobForm(schema, models, datasets, ctx) {
   let idempotencyKey = newKey();
   let check = null; // the pending live validation: {timer, controller}
 
+  /**
+   * Another model: another family's model rebuilds the options panel from its schema (keeping the
+   * values both families share), and a chosen preset's values that depend on the model (its
+   * sizes) follow it; the user's other edits stay.
+   */
+  let lastModel = modelSelect.value;
+  async function onModelChange() {
+    showFamily();
+    const previous = {model: lastModel, family: options.family};
+    const current = modelSelect.value;
+    lastModel = current;
+    const family = modelOf()?.family;
+    if (family && family !== options.family) {
+      let next;
+      try {
+        next = optionsForm(await schemas(family));
+      } catch (error) {
+        if (!isAbort(error)) replace(general, errorNotice(error));
+        return;
+      }
+      if (modelSelect.value !== current) return; // changed again meanwhile
+      next.apply(Object.fromEntries(Object.entries(options.values()).filter(([name]) => next.fields.has(name))));
+      options.element.replaceWith(next.element);
+      options = next;
+    }
+    if (activePreset) {
+      const before = activePreset.values(previous.model, previous.family);
+      const after = activePreset.values(current, options.family);
+      for (const [name, value] of Object.entries(after)) {
+        if (before[name] !== value) options.fields.get(name)?.set(value);
+      }
+    }
+    validateSoon();
+  }
+
   function applyPreset(preset) {
-    options.apply(preset.values(modelSelect.value));
+    activePreset = preset;
+    options.apply(preset.values(modelSelect.value, options.family));
     for (const button of presetButtons) button.classList.toggle('active', button === presetButtons[PRESETS.indexOf(preset)]);
     const values = options.values();
     presetNote.textContent = `${preset.label}: ${preset.note}. ` + ['resolution', 'max_train_steps', 'rank', 'learning_rate']
@@ -174,7 +246,8 @@ function jobForm(schema, models, datasets, ctx) {
       h('p', {class: 'or', text: 'or upload a new one'}), upload),
     h('section', {class: 'card'}, h('h2', {text: '2. Model'}),
       h('div', {class: 'row-2'},
-        h('div', {class: 'field'}, h('label', {for: 'base-model', text: 'Base model'}), modelSelect, errors.base_model),
+        h('div', {class: 'field'}, h('label', {for: 'base-model', text: 'Base model'}), modelSelect, familyNote,
+          errors.base_model),
         h('div', {class: 'field'}, h('label', {for: 'job-name', text: 'Job name'}), nameInput, errors.name))),
     h('section', {class: 'card'}, h('h2', {text: '3. Training'}),
       h('div', {class: 'chips', role: 'group', 'aria-label': 'Presets'}, presetButtons), presetNote, advanced),
