@@ -16,7 +16,9 @@ neither), and every entry is crossed with the grid. Relative paths are relative 
 The key of a job is the sha256 of the canonical JSON of (base_model, dataset identity, options,
 name), where a local dataset's identity is the sha256 of its files' names and bytes; the server
 answers a known key with the job it already has, so running a batch again submits only what is
-missing.
+missing. A local dataset is uploaded only when none of the owner's datasets has its content hash;
+when several do, the jobs go to the one this batch's earlier jobs used (else the oldest), so a
+rerun sends exactly the bodies it sent before, whatever else was uploaded meanwhile.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loraq_client.client import Client, Job, _build, dataset_fingerprint, server_content_hash
+from loraq_client.client import Client, Dataset, Job, LoraqError, _build
+from loraq_client.client import local_files
+from loraq_client.fingerprint import dataset_fingerprint, hidden, legacy_content_hash
 
 KNOWN_KEYS = {"base_model", "dataset", "options", "grid", "jobs", "each_subfolder", "name"}
 ENTRY_KEYS = {"base_model", "dataset", "options", "name"}
@@ -97,11 +103,38 @@ def _dataset_ref(value: Any, base: Path, cache: dict) -> DatasetRef:
     if candidate.exists():
         resolved = candidate.resolve()
         if resolved not in cache:
-            cache[resolved] = DatasetRef(path=resolved, fingerprint=dataset_fingerprint(resolved))
+            cache[resolved] = DatasetRef(path=resolved, fingerprint=key_fingerprint(resolved))
         return cache[resolved]
     if "/" in text or text.endswith(".zip") or text.startswith("."):
         raise BatchError(f"dataset: {text}: no such folder or zip")
     return DatasetRef(id=text)
+
+
+def key_fingerprint(path: Path) -> str:
+    """A local dataset's identity in its jobs' keys: sha256 over its files' names (as the folder or
+    zip holds them) and bytes. Kept exactly as earlier versions computed it, so a batch rerun
+    after an upgrade finds its jobs under the same keys; which dataset on the server holds these
+    files is found by the content hash (fingerprint.py), not by this."""
+    digest = hashlib.sha256()
+    for name, opener in _key_members(path):
+        digest.update(name.encode() + b"\0")
+        with opener() as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _key_members(path: Path):
+    if path.is_dir():
+        for name, file in local_files(path):
+            yield name, (lambda file=file: open(file, "rb"))
+        return
+    with zipfile.ZipFile(path) as zf:
+        infos = sorted((i for i in zf.infolist() if not i.is_dir()
+                        and not any(hidden(p) for p in i.filename.split("/") if p)), key=lambda i: i.filename)
+        for info in infos:
+            yield info.filename, (lambda info=info: zf.open(info))
 
 
 def idempotency_key(base_model: str, dataset: DatasetRef, options: dict, name: str | None) -> str:
@@ -170,43 +203,101 @@ def plan(source: str | Path | dict, base: str | Path | None = None) -> list[Plan
     return planned
 
 
-def resolve_datasets(client: Client, jobs: list[PlannedJob], progress=None) -> dict[Path, str]:
-    """Dataset ids for the local datasets: one upload per distinct folder/zip in the batch, and none
-    for a dataset the server already holds with the same content (so a rerun sends the same bodies)."""
-    ids: dict[Path, str] = {}
-    local = []
+def resolve_datasets(client: Client, jobs: list[PlannedJob], progress=None) -> dict[Path, list[str]]:
+    """For each local folder/zip of the batch, the ids of the owner's datasets with its content,
+    the one to submit to first: one upload per distinct content, and none when the server already
+    holds it.
+
+    Several datasets can hold the same content (an upload with ?dedupe=false, or one from before
+    the server reused identical uploads). A job's key is derived from the content, but its body
+    names one dataset id, so a rerun must name the same one as before: first the dataset this
+    batch's earlier jobs used (found in each candidate's job list), else the oldest. The rest stay
+    as fallbacks for `submit`, which tries them when a key turns out to have been used with another.
+    """
+    ids: dict[Path, list[str]] = {}
+    by_content: dict[str, list[str]] = {}
+    owner = None
     for job in jobs:
-        if job.dataset.path and job.dataset.path not in local:
-            local.append(job.dataset.path)
-    existing = None
-    by_fingerprint: dict[str, str] = {}
-    for path in local:
-        ref = next(j.dataset for j in jobs if j.dataset.path == path)
-        if ref.fingerprint in by_fingerprint:  # the same bytes under another path
-            ids[path] = by_fingerprint[ref.fingerprint]
+        path = job.dataset.path
+        if path is None or path in ids:
             continue
-        if existing is None:
-            existing = {}
-            for dataset in client.all_datasets():
-                existing.setdefault(dataset.content_hash, dataset.id)
-        content = server_content_hash(path)
-        dataset_id = existing.get(content)
-        if dataset_id is None:
-            dataset_id = client.upload_dataset(path, progress=progress).id
-            existing[content] = dataset_id
-        ids[path] = by_fingerprint[ref.fingerprint] = dataset_id
+        content = dataset_fingerprint(path)
+        if content not in by_content:
+            if owner is None:
+                owner = client.whoami()["owner"]
+            found = _own_datasets(client, owner, [content, legacy_content_hash(path)])
+            if found:
+                used = _earlier_use(client, found, [j for j in jobs if j.dataset.path == path])
+                by_content[content] = sorted(found, key=lambda d: (-used[d.id], d.created_at, d.id))
+            else:
+                by_content[content] = [client.upload_dataset(path, progress=progress)]
+        ids[path] = [d.id for d in by_content[content]]
     return ids
 
 
+def _own_datasets(client: Client, owner: str, hashes: list[str]) -> list[Dataset]:
+    """The owner's datasets with any of these content hashes (an admin sees everyone's: only
+    the admin's own are candidates, as for the server's reuse)."""
+    found: dict[str, Dataset] = {}
+    for content in dict.fromkeys(hashes):
+        for dataset in client.all_datasets(content_hash=content):
+            if dataset.owner in (owner, ""):  # "" : a server that does not say (older)
+                found[dataset.id] = dataset
+    return list(found.values())
+
+
+def _earlier_use(client: Client, datasets: list[Dataset], planned: list[PlannedJob]) -> dict[str, int]:
+    """How many of these planned jobs each dataset already has (same base model, name and
+    options): the dataset an earlier run of this batch submitted to."""
+    wanted = [(p.base_model, p.name, p.options) for p in planned]
+    counts = {}
+    for dataset in datasets:
+        counts[dataset.id] = sum(
+            1 for job in client.all_jobs(dataset_id=dataset.id)
+            if any(job.base_model == base and job.name == name and _options_match(options, job.config)
+                   for base, name, options in wanted))
+    return counts
+
+
+def _options_match(options: dict, config: dict) -> bool:
+    def same(a, b) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+        return a == b
+
+    return all(key in config and same(value, config[key]) for key, value in options.items())
+
+
+def _key_reused(error: LoraqError) -> bool:
+    return error.status == 422 and "Idempotency-Key" in error.message and "different request" in error.message
+
+
 def submit(client: Client, jobs: list[PlannedJob], progress=None) -> list[PlannedJob]:
-    """Upload what is needed and submit each job with its key; sets job.job and job.created."""
+    """Upload what is needed and submit each job with its key; sets job.job and job.created.
+
+    A job whose key was already used with another dataset of the same content is replayed with
+    that dataset (the server refuses a key with a different body, and creates nothing then)."""
     ids = resolve_datasets(client, jobs, progress)
     for planned in jobs:
-        dataset_id = ids[planned.dataset.path] if planned.dataset.path else planned.dataset.id
-        response = client._request(
-            "POST", "/v1/jobs", headers={"Idempotency-Key": planned.key},
-            json={"dataset_id": dataset_id, "base_model": planned.base_model, "options": planned.options,
-                  **({"name": planned.name} if planned.name is not None else {})})
-        planned.job = _build(Job, response.json())
-        planned.created = response.status_code == 201
+        candidates = ids[planned.dataset.path] if planned.dataset.path else [planned.dataset.id]
+        first_error = None
+        for dataset_id in list(candidates):
+            try:
+                response = client._request(
+                    "POST", "/v1/jobs", headers={"Idempotency-Key": planned.key},
+                    json={"dataset_id": dataset_id, "base_model": planned.base_model, "options": planned.options,
+                          **({"name": planned.name} if planned.name is not None else {})})
+            except LoraqError as error:
+                if not _key_reused(error):
+                    raise
+                first_error = first_error or error
+                continue
+            if dataset_id != candidates[0]:  # an earlier run used this one: prefer it from now on
+                candidates.remove(dataset_id)
+                candidates.insert(0, dataset_id)
+            planned.job = _build(Job, response.json())
+            planned.created = response.status_code == 201
+            break
+        else:
+            raise first_error
     return jobs

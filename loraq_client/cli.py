@@ -64,7 +64,7 @@ def event_line(event: Event) -> str:
         text = (f"step {d.get('step')}/{d.get('total_steps')} loss={_fmt(d.get('loss'), '.4f')} "
                 f"lr={_fmt(d.get('lr'), '.3g')} {_fmt(d.get('images_per_s'), '.1f')} img/s "
                 f"eta={_fmt(d.get('eta_s'), '.0f')}s")
-    elif event.type in ("error", "log") and "message" in d:
+    elif event.type in ("error", "log", "prepare") and "message" in d:
         text = str(d["message"])
     else:
         text = json.dumps(d, separators=(",", ":"), default=str)
@@ -112,15 +112,17 @@ def _options(config: str | None, sets: tuple[str, ...]) -> dict:
     return options
 
 
-def _upload(client: Client, path: str, name: str | None = None):
+def _upload(client: Client, path: str, name: str | None = None, dedupe: bool = True):
     with Progress(TextColumn("upload {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=err, transient=True) as progress:
         task = progress.add_task(Path(path).name, total=None)
-        dataset = client.upload_dataset(path, name=name,
+        dataset = client.upload_dataset(path, name=name, dedupe=dedupe,
                                         progress=lambda sent, total: progress.update(task, completed=sent, total=total))
     refused = (dataset.report or {}).get("refused") or []
     err.print(f"dataset {dataset.id}: {dataset.image_count} images, {dataset.captioned_count} captioned"
-              + (f", {len(refused)} refused" if refused else ""), highlight=False)
+              + (f", {len(refused)} refused" if refused else "")
+              + (f" (already uploaded as {dataset.name!r}: reused, nothing new stored)" if dataset.reused else ""),
+              highlight=False, markup=False)
     for item in refused[:20]:
         err.print(f"  refused {item.get('file')}: {item.get('reason')}", highlight=False)
     return dataset
@@ -139,6 +141,13 @@ def follow(client: Client, job: Job) -> Job:
             d = event.data
             if event.type == "state":
                 progress.update(task, description=f"{job.id} {d.get('state')}")
+            elif event.type == "prepare":  # the latent cache encodes before the first step
+                done, total, eta = (d.get("data") or {}).get("done"), (d.get("data") or {}).get("total"), d.get("eta_s")
+                progress.update(task, description=f"{job.id} preparing latents {done}/{total}",
+                                ips=_fmt(d.get("images_per_s"), ".1f"),
+                                eta=time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-")
+                if done == total:
+                    progress.update(task, description=f"{job.id} running")
             elif event.type == "step":
                 eta = d.get("eta_s")
                 progress.update(task, completed=d.get("step", 0), total=d.get("total_steps") or None,
@@ -159,19 +168,22 @@ def follow(client: Client, job: Job) -> Job:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a trainer option (YAML scalar); repeatable")
 @click.option("--name", help="the job's name")
 @click.option("--idempotency-key", help="resubmitting with the same key returns the same job")
+@click.option("--no-dedupe", "no_dedupe", is_flag=True,
+              help="store a new dataset even when you already have one with the same files")
 @click.option("--wait", is_flag=True, help="follow the job and download its LoRA at the end")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="where --wait puts the LoRA [./loraq-output/<job id>]")
 @click.pass_context
-def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_key, wait, output):
+def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_key, no_dedupe, wait, output):
     """Submit a training job on PATH (a folder or zip, uploaded first) or --dataset ID.
 
+    A PATH you uploaded before (the same files) reuses that dataset unless --no-dedupe.
     Prints the job id on stdout (and, with --wait, the downloaded LoRA's path)."""
     if bool(path) == bool(dataset_id):
         raise click.UsageError("give either PATH (a folder or zip) or --dataset ID")
     options = _options(config, sets)
     client = _client(ctx)
     if path:
-        dataset_id = _upload(client, path).id
+        dataset_id = _upload(client, path, dedupe=not no_dedupe).id
     job = client.create_job(dataset_id, base_model, options, name=name, idempotency_key=idempotency_key)
     click.echo(job.id)
     sys.stdout.flush()
@@ -356,10 +368,13 @@ def datasets_list(ctx, as_json):
 @datasets.command("upload")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--name")
+@click.option("--no-dedupe", "no_dedupe", is_flag=True,
+              help="store a new dataset even when you already have one with the same files")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def datasets_upload(ctx, path, name, as_json):
-    dataset = _upload(_client(ctx), path, name)
+def datasets_upload(ctx, path, name, no_dedupe, as_json):
+    """Upload a folder or zip; prints the dataset id (an identical one of yours is reused)."""
+    dataset = _upload(_client(ctx), path, name, dedupe=not no_dedupe)
     if as_json:
         return _print_json(dataset)
     click.echo(dataset.id)

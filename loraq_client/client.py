@@ -29,6 +29,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from loraq_client.fingerprint import dataset_fingerprint, hidden
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 LOCAL_KEY_FILE = Path("var") / "admin-key"
 FINAL_STATES = frozenset({"succeeded", "failed", "canceled"})
@@ -63,9 +65,11 @@ class Dataset:
     total_bytes: int = 0
     content_hash: str = ""
     created_at: str = ""
+    owner: str = ""
     report: dict | None = None
     thumbnails: list | None = None
     captions: list | None = None
+    reused: bool = False  # an upload's answer: the owner's identical dataset, nothing new stored
     raw: dict = field(default_factory=dict, repr=False)
 
 
@@ -166,34 +170,21 @@ def as_dict(obj) -> Any:
 # Local datasets
 
 
-def _hidden(part: str) -> bool:
-    return part.startswith(".") or part == "__MACOSX"
-
-
 def local_files(folder: Path) -> list[tuple[str, Path]]:
     """(relative posix name, path) of a folder's files, sorted, hidden ones left out (as the server does)."""
     folder = Path(folder)
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if path.is_file() and not any(_hidden(p) for p in rel.parts):
+        if path.is_file() and not any(hidden(p) for p in rel.parts):
             found.append((rel.as_posix(), path))
     return sorted(found)
 
 
-def _iter_members(path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """(name, opener) for each file of a folder or zip, sorted by name, hidden ones left out."""
-    path = Path(path)
-    if path.is_dir():
-        for name, file in local_files(path):
-            yield name, (lambda file=file: open(file, "rb"))
-    else:
-        with zipfile.ZipFile(path) as zf:
-            infos = sorted((i for i in zf.infolist() if not i.is_dir()
-                            and not any(_hidden(p) for p in i.filename.split("/") if p)),
-                           key=lambda i: i.filename)
-            for info in infos:
-                yield info.filename, (lambda info=info: zf.open(info))
+# One definition of a dataset's content hash for the client and the server (fingerprint.py):
+# `dataset_fingerprint(path)` is the `content_hash` the server records when the folder or zip is
+# uploaded, whatever it then refuses.
+server_content_hash = dataset_fingerprint
 
 
 def _sha256_stream(fh) -> str:
@@ -201,27 +192,6 @@ def _sha256_stream(fh) -> str:
     while chunk := fh.read(CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def dataset_fingerprint(path: str | Path) -> str:
-    """sha256 over a folder's (or zip's) files: each relative name and its bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, opener in _iter_members(Path(path)):
-        digest.update(name.encode() + b"\0")
-        with opener() as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def server_content_hash(path: str | Path) -> str:
-    """The `content_hash` the server records for this folder or zip when every file is kept."""
-    hashes = []
-    for _name, opener in _iter_members(Path(path)):
-        with opener() as fh:
-            hashes.append(_sha256_stream(fh))
-    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
 def zip_folder(folder: Path, dest: Path) -> Path:
@@ -327,19 +297,27 @@ class Client:
     # -- datasets ---------------------------------------------------------------------------
 
     def upload_dataset(self, path: str | Path, name: str | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> Dataset:
-        """Upload a folder (zipped into a temporary file first) or a zip, streamed from disk."""
+                       progress: Callable[[int, int], None] | None = None, dedupe: bool = True) -> Dataset:
+        """Upload a folder (zipped into a temporary file first) or a zip, streamed from disk.
+
+        When you already have a dataset with the same files (names and bytes), the server answers
+        with it (`reused` is True, and `name` is not applied) and stores nothing; `dedupe=False`
+        stores a new copy anyway."""
         path = Path(path)
         if not path.exists():
             raise LoraqError(0, f"{path}: no such file or folder")
+        # The content hash tells the server, before it reads the body, that this may be a dataset
+        # it holds already (an owner at the storage limit can still be answered with it).
+        content = dataset_fingerprint(path) if dedupe else None
         if path.is_dir():
             with tempfile.TemporaryDirectory(prefix="loraq-upload-") as tmp:
                 archive = zip_folder(path, Path(tmp) / f"{path.resolve().name or 'dataset'}.zip")
                 # A default name from the folder fits the server's 200-character limit.
-                return self._upload_file(archive, name or path.resolve().name[:200], progress)
-        return self._upload_file(path, name, progress)
+                return self._upload_file(archive, name or path.resolve().name[:200], progress, dedupe, content)
+        return self._upload_file(path, name, progress, dedupe, content)
 
-    def _upload_file(self, path: Path, name: str | None, progress) -> Dataset:
+    def _upload_file(self, path: Path, name: str | None, progress, dedupe: bool = True,
+                     content: str | None = None) -> Dataset:
         boundary = uuid.uuid4().hex
         head = b""
         if name:
@@ -367,19 +345,25 @@ class Client:
             if progress:
                 progress(total, total)
 
-        response = self._request("POST", "/v1/datasets", content=body(), headers={
-            "Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)},
-            timeout=httpx.Timeout(self.http.timeout.connect, read=600, write=600, pool=None))
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(total)}
+        if content:
+            headers["X-Loraq-Content-Hash"] = content
+        response = self._request("POST", "/v1/datasets", content=body(), headers=headers,
+                                 params=None if dedupe else {"dedupe": "false"},
+                                 timeout=httpx.Timeout(self.http.timeout.connect, read=600, write=600, pool=None))
         return _build(Dataset, response.json())
 
-    def datasets(self, limit: int = 50, offset: int = 0) -> Page:
-        data = self._request("GET", "/v1/datasets", params={"limit": limit, "offset": offset}).json()
+    def datasets(self, limit: int = 50, offset: int = 0, content_hash: str | None = None) -> Page:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if content_hash:
+            params["content_hash"] = content_hash
+        data = self._request("GET", "/v1/datasets", params=params).json()
         return Page([_build(Dataset, d) for d in data["items"]], data["total"], data["limit"], data["offset"])
 
-    def all_datasets(self) -> Iterator[Dataset]:
+    def all_datasets(self, content_hash: str | None = None) -> Iterator[Dataset]:
         offset = 0
         while True:
-            page = self.datasets(limit=200, offset=offset)
+            page = self.datasets(limit=200, offset=offset, content_hash=content_hash)
             yield from page.items
             offset += len(page.items)
             if not page.items or offset >= page.total:
@@ -417,12 +401,27 @@ class Client:
         body = _job_body(dataset_id, base_model, options, name)
         return self._request("POST", "/v1/jobs/validate", json=body).json()
 
-    def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> Page:
+    def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0, dataset_id: str | None = None) -> Page:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if state:
             params["state"] = state
+        if dataset_id:
+            params["dataset_id"] = dataset_id
         data = self._request("GET", "/v1/jobs", params=params).json()
         return Page([_build(Job, j) for j in data["items"]], data["total"], data["limit"], data["offset"])
+
+    def all_jobs(self, dataset_id: str | None = None) -> Iterator[Job]:
+        offset = 0
+        while True:
+            page = self.jobs(limit=200, offset=offset, dataset_id=dataset_id)
+            yield from page.items
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return
+
+    def whoami(self) -> dict:
+        """{"owner", "admin", "key_id"} of the key this client sends."""
+        return self._request("GET", "/v1/whoami").json()
 
     def _job_path(self, job_id: str) -> str:
         return f"/v1/jobs/{quote(job_id, safe='')}"

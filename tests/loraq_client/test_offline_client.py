@@ -9,7 +9,9 @@ import httpx
 import pytest
 
 from loraq_client import Client, LoraqError
-from loraq_client.batch import BatchError, plan, yaml_scalar
+from loraq_client.batch import BatchError, key_fingerprint, plan, yaml_scalar
+from loraq_client.client import zip_folder
+from loraq_client.fingerprint import dataset_fingerprint
 
 
 def sse(*events) -> bytes:
@@ -101,3 +103,30 @@ def test_batch_plan_keys_are_deterministic_and_content_based(tmp_path):
     assert yaml_scalar("5e-5") == 5e-5 and yaml_scalar("true") is True and yaml_scalar("8") == 8
     with pytest.raises(BatchError, match="unknown key"):
         plan({"base_model": "m", "dataset": "D", "grdi": {}}, tmp_path)
+
+
+def test_content_hash_is_the_same_for_a_folder_and_its_zips_and_keys_stay_as_before(tmp_path):
+    # the server hashes what it unpacks (tests/api/test_datasets_api.py checks it against this)
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"PNGBYTES")
+    (folder / "a.txt").write_bytes(b"cap")
+    (folder / "sub" / "b.txt").write_bytes(b"x")
+    (folder / ".hidden").write_bytes(b"left out")
+    content = dataset_fingerprint(folder)
+    assert dataset_fingerprint(zip_folder(folder, tmp_path / "plain.zip")) == content
+    nested = tmp_path / "outer"
+    (nested / "data").mkdir(parents=True)
+    for path in folder.rglob("*"):
+        target = nested / "data" / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            target.write_bytes(path.read_bytes())
+    assert dataset_fingerprint(nested) == content  # one top folder: the server descends into it
+    assert dataset_fingerprint(zip_folder(nested, tmp_path / "nested.zip")) == content
+    (folder / "a.txt").write_bytes(b"cap!")
+    assert dataset_fingerprint(folder) != content
+    (folder / "a.txt").write_bytes(b"cap")
+    # A batch's keys derive from the files as earlier versions hashed them, so reruns across
+    # versions find their jobs (this value is what the previous client computed).
+    assert key_fingerprint(folder) == "c849c50c754f9c5bb5c2da4800ef4096b6ecdd372d00e4c0e47a158a39f14664"
