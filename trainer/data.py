@@ -126,51 +126,65 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values, "input_ids": input_ids}
 
 
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Serves cached VAE posterior parameters (and text embeddings) instead of pixels.
+class CachingDataset(torch.utils.data.Dataset):
+    """The images, served from the latent cache where it has them and as pixels where not.
 
-    The trainer samples the cached distribution on every step, so the random stream and the
-    training signal stay those of the uncached run. A flip draws its random number here exactly
-    where the transform would.
+    An item carries its index and flip decision (the loop keys what it encodes by them), then
+    either `latent_params` and the family's per-image records (cached) or the transform's output
+    (`pixel_values` and those records, to encode now), and either the cached text conditioning
+    (under the family's text keys) or the caption's token ids. The flip is drawn exactly where
+    the transform draws it (crops are fixed, so that is the item's only draw): the random stream,
+    and so every loss, is the uncached run's, whatever the cache holds.
     """
 
-    def __init__(
-        self,
-        latent_params: torch.Tensor,
-        flipped_params: torch.Tensor | None,
-        text: torch.Tensor | dict[str, torch.Tensor],
-        text_is_embedding: bool,
-        extras: dict[str, torch.Tensor] | None = None,
-        draw_flip=None,
-    ):
-        self.latent_params = latent_params
-        self.flipped_params = flipped_params
-        # Per-example text tensors by batch key (a family's embeddings or token ids); one tensor
-        # is SD's embeddings or ids.
-        if not isinstance(text, dict):
-            text = {"encoder_hidden_states" if text_is_embedding else "input_ids": text}
-        self.text = text
-        self.extras = extras or {}  # per-image records of the family (SDXL: original size, crop)
-        # The family's flip draw (SD: torch, as torchvision's flip; SDXL: Python's random).
-        self.draw_flip = draw_flip or (lambda: bool(torch.rand(1) < 0.5))
-        self.memory_format = torch.contiguous_format  # the VAE output's layout, set by the trainer
+    def __init__(self, examples: list[Example], transform, tokenize_captions, cache,
+                 image_keys: list[str], text_keys: list[str] | None):
+        self.examples = examples
+        self.transform = transform
+        self.tokenize_captions = tokenize_captions  # captions -> {token key: ids}, the family's
+        self.token_keys = tuple(tokenize_captions([""]))
+        self.cache = cache
+        self.image_keys = image_keys
+        self.text_keys = text_keys  # None: text is not cached (the text encoder trains)
+        # The family's flip draw (SD: torch's, as torchvision's RandomHorizontalFlip).
+        self.draw_flip = getattr(transform, "draw_flip", None) or (lambda: bool(torch.rand(1) < 0.5))
 
     def __len__(self) -> int:
-        return len(self.latent_params)
+        return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        params = self.latent_params[index]
-        if self.flipped_params is not None and self.draw_flip():
-            params = self.flipped_params[index]
-        item = {"latent_params": params}
-        item.update((key, values[index]) for key, values in self.text.items())
-        item.update((key, values[index]) for key, values in self.extras.items())
+        from trainer.latent_cache import LATENT, TEXT, latent_key
+
+        example = self.examples[index]
+        flip = bool(getattr(self.transform, "random_flip", False)) and self.draw_flip()
+        item = {"index": torch.tensor(index), "flip": torch.tensor(flip)}
+        cached = self.cache.get(LATENT, latent_key(self.image_keys[index], flip))
+        if cached is None:
+            pixels = self.transform(load_rgb(example.path), flip=flip)
+            item.update(pixels if isinstance(pixels, dict) else {"pixel_values": pixels})
+        else:
+            item["latent_params"] = cached["params"]
+            item.update((key, value) for key, value in cached.items() if key != "params")
+        text = self.cache.get(TEXT, self.text_keys[index]) if self.text_keys is not None else None
+        if text is None:
+            item.update((key, ids[0]) for key, ids in self.tokenize_captions([draw_caption(example.caption)]).items())
+        else:
+            item.update(text)
         return item
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack a list of items into a batch (contiguous float pixels, as the script's collate_fn)."""
-    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+    """Stack a list of items into a batch (contiguous float pixels, as the script's collate_fn).
+
+    Items may differ in keys (some cached, some not): a key that only some items have is stacked
+    over those, and `<key>_rows` says which rows of the batch they are.
+    """
+    batch = {}
+    for key in dict.fromkeys(key for e in examples for key in e):
+        rows = [i for i, e in enumerate(examples) if key in e]
+        batch[key] = torch.stack([examples[i][key] for i in rows])
+        if len(rows) < len(examples):
+            batch[f"{key}_rows"] = torch.tensor(rows)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
     return batch

@@ -16,7 +16,9 @@ from typing import Literal, TextIO
 
 from tqdm import tqdm
 
-EventType = Literal["start", "step", "checkpoint", "validation", "done", "error"]
+# `prepare`: the latent cache's plan and, when it encodes up front, its progress (data: done, total,
+# mode "upfront" or "as_you_go"; images_per_s and eta_s while it encodes).
+EventType = Literal["start", "prepare", "step", "checkpoint", "validation", "done", "error"]
 
 
 @dataclass
@@ -78,6 +80,12 @@ class ConsoleReporter:
         elif event.type == "step" and self.bar is not None:
             self.bar.update((event.step or 0) - self.bar.n)
             self.bar.set_postfix(loss=f"{event.loss:.4g}", lr=f"{event.lr:.3g}", refresh=False)
+        elif event.type == "prepare":
+            progress = event.data or {}
+            if progress.get("mode") != "upfront" or progress.get("done") in (0, progress.get("total")):
+                self._say(event.message or "")
+            elif self.bar is not None:
+                self.bar.set_postfix_str(f"latent cache {progress.get('done')}/{progress.get('total')}")
         elif event.type in ("checkpoint", "validation"):
             self._say(f"{event.type} at step {event.step}: {', '.join(event.paths or [])}")
         elif event.type in ("done", "error"):

@@ -25,7 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from trainer import checkpoints, control, data, validation
+from trainer import checkpoints, control, data, latent_cache, validation
 from trainer.config import CommonConfig, ConfigError
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
 from trainer.events import Event, EventSink, Throughput, ignore_events
@@ -62,6 +62,7 @@ class Run:
     num_update_steps_per_epoch: int
     # The memory layout of the VAE's output here; sampling follows it (see draw_inputs).
     latent_memory_format: torch.memory_format = torch.contiguous_format
+    cache: latent_cache.CachePlan | None = None  # the latent cache, when on
 
     @property
     def trainable(self) -> tuple[torch.nn.Module, ...]:
@@ -189,6 +190,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
         max_train_steps=max_train_steps, num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
         num_update_steps_per_epoch=steps_per_epoch,
         latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
+        cache=getattr(dataset, "plan", None),
     )
 
 
@@ -210,10 +212,12 @@ def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     """Encode, noise: latents, noise, timesteps and the UNet's conditioning for one batch (the
     random part)."""
     components, config, family = run.components, run.config, run.family
-    if "latent_params" in batch:  # cached posterior, sampled anew each step as the VAE would
-        # randn_like(latents) fills in memory order, so the cached parameters take the layout the
-        # VAE gives them (channels-last on some CPUs); otherwise the noise would differ.
-        params = batch["latent_params"].contiguous(memory_format=run.latent_memory_format)
+    if run.cache is not None:  # latent cache: its rows as stored, the others encoded now and kept
+        # The posterior is sampled over the whole batch exactly where the uncached loop's
+        # `latent_dist.sample()` draws. randn_like(latents) below fills in memory order, so the
+        # parameters take the layout the VAE gives them (channels-last on some CPUs), or the
+        # noise would differ. The cached text conditioning goes into the batch.
+        params = _cached_inputs(run, batch)
     else:
         params = family.encode_image_params(components, batch["pixel_values"])
     latents = family.sample_latents(components, params, run.weight_dtype)
@@ -252,7 +256,15 @@ def optimize(run: Run, latents, noise, timesteps, conditioning: Conditioning) ->
 
 def _train(config: CommonConfig, on_event: EventSink) -> TrainResult:
     with data.dataset_folder(config.train_data_dir) as folder:
-        return _train_in(setup(config, folder), on_event)
+        run = setup(config, folder)
+        clean = False
+        try:
+            result = _train_in(run, on_event)
+            clean = True
+            return result
+        finally:
+            if run.cache is not None:  # a run that failed publishes nothing after its last checkpoint
+                run.cache.cache.close(publish=clean)
 
 
 def _train_in(run: Run, on_event: EventSink) -> TrainResult:
@@ -267,6 +279,7 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
         data={"num_examples": run.num_examples, "total_batch_size": total_batch, "cached": run.cached,
               "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device)},
     ))
+    _prepare_cache(run, emit)  # after `start`, which says what the run is; before the first step
     throughput = Throughput(total_batch, run.max_train_steps, global_step)
     losses: list[float] = []
     images: list[str] = []
@@ -329,7 +342,7 @@ def _build_dataset(config: CommonConfig, family: Family, folder: Path, component
     examples = data.scan_examples(folder, config.caption_column, config.missing_captions)
     examples = data.select_samples(examples, config.max_train_samples, config.seed)
     if _use_cache(config, examples, transform):
-        return _cached_dataset(config, family, examples, transform, components, device), True, len(examples)
+        return _cached_dataset(config, family, folder, examples, transform, components, device), True, len(examples)
     return family.dataset(config, examples, components), False, len(examples)
 
 
@@ -346,46 +359,82 @@ def _use_cache(config: CommonConfig, examples: list[data.Example], transform: da
     return not random_crops and not multi_caption
 
 
-def _transformed(transform, example: data.Example, flip: bool) -> dict[str, torch.Tensor]:
-    """One image through the family's transform, as a dict with `pixel_values`."""
-    item = transform(data.load_rgb(example.path), flip=flip)
-    return item if isinstance(item, dict) else {"pixel_values": item}
-
-
-@torch.no_grad()
-def _cached_dataset(config, family: Family, examples, transform, components: Components, device) -> data.CachedLatentDataset:
-    """Encode every image (and its mirror image when flipping) once, and every caption once.
-
-    The family's per-image records (SDXL's original size and crop) do not depend on the flip when
-    the crop is fixed, so they are kept once per image.
-    """
-    params, flipped, records = [], [], []
-    batch_size = config.train_batch_size
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        items = [_transformed(transform, e, flip=False) for e in chunk]
-        pixels = torch.stack([item.pop("pixel_values") for item in items]).to(device)
-        params.append(family.encode_image_params(components, pixels))
-        records.extend(items)
-        if config.random_flip:
-            # Through the transform, not pixels.flip(-1): SDXL flips before it crops.
-            mirrored = torch.stack([_transformed(transform, e, flip=True)["pixel_values"] for e in chunk])
-            flipped.append(family.encode_image_params(components, mirrored.to(device)))
-    tokens = {key: ids.to(device) for key, ids in family.tokenize(components, [e.caption for e in examples]).items()}
-    text = tokens
-    if not config.train_text_encoder:
-        parts = [family.encode_text(components, {k: v[i:i + batch_size] for k, v in tokens.items()})
-                 for i in range(0, len(examples), batch_size)]
-        text = {key: torch.cat([part[key] for part in parts]) for key in family.text_keys}
-    extras = {key: torch.stack([r[key] for r in records]) for key in (records[0] if records else {})}
-    dataset = data.CachedLatentDataset(
-        torch.cat(params), torch.cat(flipped) if flipped else None, text,
-        text_is_embedding=not config.train_text_encoder, extras=extras,
-        draw_flip=getattr(transform, "draw_flip", None),
-    )
-    if params[0].is_contiguous(memory_format=torch.channels_last) and not params[0].is_contiguous():
-        dataset.memory_format = torch.channels_last
+def _cached_dataset(config, family: Family, folder: Path, examples, transform, components: Components, device):
+    """The caching dataset: entries encoded as the loop first needs them (or up front when that
+    pays, see latent_cache.choose_upfront), in a cache keyed by what they depend on."""
+    ram_bytes = config.cache_ram_mb * 2**20
+    if config.cache_dir:
+        vae_source = getattr(config, "pretrained_vae_model_name_or_path", None)
+        key = latent_cache.cache_key({
+            "family": family.name,
+            "model": latent_cache.model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
+            "vae": latent_cache.model_identity(vae_source) if vae_source else None,
+            "resolution": config.resolution, "center_crop": config.center_crop,
+            "interpolation": config.image_interpolation_mode, "dtype": str(WEIGHT_DTYPES[config.mixed_precision]),
+            "device": torch.device(device).type,
+        })
+        cache = latent_cache.LatentCache(ram_bytes, root=Path(config.cache_dir), key=key,
+                                         max_bytes=config.cache_max_bytes)
+    else:
+        cache = latent_cache.LatentCache(ram_bytes)
+    image_keys = latent_cache.image_keys(folder, [e.path for e in examples], config.train_data_dir)
+    text_keys = None if config.train_text_encoder else [latent_cache.text_key(e.caption) for e in examples]
+    orientations = 2 if config.random_flip else 1
+    flips = (False, True)[:orientations]
+    missing = sum(not cache.has(latent_cache.LATENT, latent_cache.latent_key(k, f)) for k in image_keys for f in flips)
+    missing += len({k for k in text_keys or () if not cache.has(latent_cache.TEXT, k)})
+    total = len(image_keys) * orientations + len(set(text_keys or ()))
+    steps = config.max_train_steps or config.num_train_epochs * math.ceil(len(examples) / config.train_batch_size)
+    images_read = steps * config.train_batch_size * config.gradient_accumulation_steps
+    upfront = config.cache_upfront
+    if upfront is None:
+        upfront = latent_cache.choose_upfront(len(examples), orientations, images_read, missing)
+    dataset = data.CachingDataset(examples, transform, lambda captions: family.tokenize(components, captions),
+                                  cache, image_keys, text_keys)
+    dataset.plan = latent_cache.CachePlan(cache, image_keys, text_keys, orientations, bool(upfront and missing),
+                                          missing, total)
     return dataset
+
+
+def _cached_inputs(run: Run, batch: dict) -> torch.Tensor:
+    """Complete a batch from the cache: returns the posterior parameters of every row (encoding
+    and keeping those not cached yet) and puts the text conditioning into `batch`."""
+    plan, components, family = run.cache, run.components, run.family
+    token_keys = run.dataloader.dataset.token_keys if hasattr(run.dataloader, "dataset") else ("input_ids",)
+    params = latent_cache.batch_latent_params(
+        plan.cache, batch, plan.image_keys, lambda pixels: family.encode_image_params(components, pixels),
+        run.accelerator.device, exclude=(*token_keys, *family.text_keys),
+    )
+    if plan.text_keys is not None:
+        batch.update(latent_cache.batch_text(plan.cache, batch, plan.text_keys, token_keys, family.text_keys,
+                                             lambda tokens: family.encode_text(components, tokens)))
+    return params
+
+
+def _prepare_cache(run: Run, emit: EventSink) -> None:
+    """Report the cache's plan as a `prepare` event and, when chosen, run the up-front pass with
+    progress (done/total, images/s, ETA)."""
+    plan = run.cache
+    if plan is None:
+        return
+    mode = "upfront" if plan.upfront else "as_you_go"
+    if not plan.upfront:
+        emit(Event("prepare", message=f"latent cache: {plan.total - plan.missing}/{plan.total} entries cached, "
+                                      "the rest is encoded as the run first reads it",
+                   data={"done": plan.total - plan.missing, "total": plan.total, "mode": mode}))
+        return
+
+    def report(done: int, total: int, rate: float | None, eta: float | None) -> None:
+        emit(Event("prepare", images_per_s=rate, eta_s=eta, message=f"latent cache: encoding {done}/{total}",
+                   data={"done": done, "total": total, "mode": mode}))
+
+    dataset, family, components = run.dataloader.dataset, run.family, run.components
+    latent_cache.prepare_upfront(
+        plan.cache, dataset.examples, dataset.transform, plan.image_keys, plan.text_keys,
+        lambda pixels: family.encode_image_params(components, pixels),
+        lambda tokens: family.encode_text(components, tokens), dataset.tokenize_captions,
+        run.config.train_batch_size, run.accelerator.device, latent_cache.Progress(report),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +475,8 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_done: int) 
             rng_before = sampler.rng_at_position if lookahead else None
         checkpoints.write_state(path, state, rng_before, config.model_dump(mode="json"))
         run.family.save_lora(path, run.unwrapped(run.models))
+    if run.cache is not None:  # what this run encoded so far outlives a crash after this point
+        run.cache.cache.publish()
     return Event("checkpoint", step=global_step, total_steps=run.max_train_steps, epoch=epoch, paths=[str(path)])
 
 
