@@ -20,6 +20,7 @@ SAMPLE = "sample"  # validation images were rendered
 DONE = "done"
 ERROR = "error"
 LOG = "log"
+PREPARE = "prepare"  # latent cache progress before/while training: {"data": {"done", "total", "mode"}, ...}
 STREAM_MAXLEN = 10_000
 
 

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # A worker's SIGTERM/SIGINT: checkpoint, hand the job back, exit within this many seconds.
     shutdown_grace_s: float = 30.0
     worker_device: str = "auto"
+    # The latent cache the workers' training runs share (trainer/latent_cache.py); default
+    # {data_dir}/cache/latents. Past the size limit, least recently used segments go.
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 50 * 1024**3
     queue_name: str = "train"
 
     @field_validator("models", mode="before")
@@ -71,6 +75,10 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'loraq.db').resolve()}"
+
+    @property
+    def latent_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache" / "latents"
 
     @property
     def demo_model_dir(self) -> Path:

@@ -193,6 +193,8 @@ class Recorder:
             _upsert_metric(session, self.job_id, event)
             added.append(events.append_event(session, self.job_id, events.STEP, _public(event)))
             log.debug("job.step job=%s step=%s loss=%s", self.job_id, event["step"], event.get("loss"))
+        elif kind == "prepare":  # the latent cache's progress (trainer/latent_cache.py)
+            added.append(events.append_event(session, self.job_id, events.PREPARE, _public(event)))
         elif kind == "checkpoint":
             added.append(events.append_event(session, self.job_id, events.CHECKPOINT, {
                 "step": event["step"], "artifacts": [f"{Path(p).name}/{LORA_WEIGHTS_NAME}" for p in event["paths"]]}))

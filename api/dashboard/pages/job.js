@@ -29,6 +29,7 @@ export function jobPage(main, ctx) {
 
   let job = null;
   let latest = null; // the newest step event
+  let preparing = null; // the newest `prepare` event's data while the latent cache encodes up front
   let datasetInfo = null; // a promise of the job's dataset, asked once
   const points = {steps: [], loss: [], lr: []};
   let stream = null;
@@ -73,6 +74,10 @@ export function jobPage(main, ctx) {
     if (event.type === 'step') {
       addPoint(data);
       latest = data;
+      later('draw', draw, DRAW_MS);
+    } else if (event.type === 'prepare') {
+      const progress = data.data || {};
+      preparing = progress.mode === 'upfront' && progress.done < progress.total ? {...data, ...progress} : null;
       later('draw', draw, DRAW_MS);
     } else if (event.type === 'log' && Number.isInteger(data.step)) {
       truncate(data.step); // an attempt (re)starts here: later steps are retrained
@@ -128,6 +133,12 @@ export function jobPage(main, ctx) {
     const total = latest?.total_steps ?? job.total_steps;
     const step = job.state === 'succeeded' ? Math.max(job.step, latest?.step ?? 0) : Math.max(latest?.step ?? 0, job.step);
     const running = job.state === 'running';
+    if (preparing && running && !latest) { // the latent cache encodes before the first step
+      view.progress.set(preparing.done, preparing.total, `encoding latents ${preparing.done} / ${preparing.total}`, job.state);
+      view.stats.speed.textContent = preparing.images_per_s ? `${fmt.number(preparing.images_per_s, 3)} images/s` : '—';
+      view.stats.eta.textContent = fmt.duration(preparing.eta_s);
+      return;
+    }
     view.progress.set(step, total, `${step} / ${total} steps`, job.state);
     view.stats.step.textContent = `${step} / ${total}`;
     view.stats.epoch.textContent = latest?.epoch ?? '—';
