@@ -1,0 +1,95 @@
+"""trainer.detect: a base model's family from its files alone (no torch, nothing loaded)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from support.models import SINGLE_FILE_KEYS, header_only_checkpoint, pipeline_folder
+from trainer.detect import ModelNotFound, UnsupportedModel, detect_family, inspect_model
+
+
+def test_pipeline_folders(tiny_model, tmp_path):
+    assert detect_family(tiny_model) == "sd"
+    assert detect_family(pipeline_folder(tmp_path / "xl", "StableDiffusionXLPipeline")) == "sdxl"
+    with pytest.raises(UnsupportedModel, match=r"flux: FluxPipeline is not a supported family \(supported: sd, sdxl\)"):
+        detect_family(pipeline_folder(tmp_path / "flux", "FluxPipeline"))
+    with pytest.raises(UnsupportedModel, match="not a diffusers pipeline folder"):
+        detect_family(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_files_by_their_keys(tmp_path, family):
+    path = header_only_checkpoint(tmp_path / "model.safetensors", SINGLE_FILE_KEYS[family])
+
+    info = inspect_model(path)
+
+    assert (info.family, info.kind, info.path) == (family, "single_file", str(path))
+
+
+def test_sd2_single_file(tmp_path):
+    keys = ["model.diffusion_model.x", "first_stage_model.y", "cond_stage_model.model.token_embedding.weight"]
+    assert detect_family(header_only_checkpoint(tmp_path / "v2.safetensors", keys)) == "sd"
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ([], "holds no tensors"),
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "a LoRA adapter"),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "a Stable Diffusion 3 checkpoint"),
+    (["first_stage_model.encoder.conv_in.weight"], "no UNet keys"),
+    (["model.diffusion_model.x", "conditioner.embedders.0.model.text_projection", "first_stage_model.y"], "an SDXL refiner"),
+    (["model.diffusion_model.x", "first_stage_model.y"], "no text encoder keys"),
+    (SINGLE_FILE_KEYS["sdxl"][:1] + SINGLE_FILE_KEYS["sdxl"][2:], "no VAE keys"),
+])
+def test_single_files_that_are_no_full_checkpoint(tmp_path, keys, message):
+    with pytest.raises(UnsupportedModel, match=message):
+        detect_family(header_only_checkpoint(tmp_path / "x.safetensors", keys))
+
+
+def test_files_that_are_not_safetensors(tmp_path):
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"abc")
+    huge_header = tmp_path / "huge.safetensors"
+    huge_header.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    not_json = tmp_path / "text.safetensors"
+    not_json.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe\x00\x01")
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"PK")
+
+    for path, message in [(short, "only 3 bytes"), (huge_header, "a header of 1000000000000 bytes"),
+                          (not_json, "its header is not JSON"), (pickle, ".ckpt files are pickles")]:
+        with pytest.raises(UnsupportedModel, match=message):
+            detect_family(path)
+
+
+def test_missing_sources(tmp_path):
+    with pytest.raises(ModelNotFound, match="no such folder or file"):
+        detect_family(tmp_path / "nothing.safetensors")
+    with pytest.raises(ModelNotFound, match="not in the local Hugging Face cache"):
+        detect_family("nobody/nothing-here")
+
+
+def test_a_cached_hub_id(tmp_path, tiny_model, monkeypatch):
+    # the hub cache's layout: models--org--name/refs/main -> snapshots/<commit>/...
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text((tiny_model / "model_index.json").read_text())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = ("from trainer.detect import inspect_model; i = inspect_model('org/tiny'); "
+            "print(i.family, i.kind, i.path)")
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert out.split() == ["sd", "hub", str(snapshot)]
+
+
+def test_detect_imports_no_torch():
+    code = "import sys, trainer.detect; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
