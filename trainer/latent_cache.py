@@ -172,7 +172,10 @@ class Layout:
         flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)
         out, offset = {}, 0
         for (name, shape, dtype), size in zip(self.fields, self.sizes):
-            out[name] = flat[offset:offset + size].view(_DTYPES[dtype]).view(shape)
+            part = flat[offset:offset + size]
+            if offset % _DTYPES[dtype].itemsize:  # a view needs an aligned start
+                part = part.clone()
+            out[name] = part.view(_DTYPES[dtype]).view(shape)
             offset += size
         return out
 
