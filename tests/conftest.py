@@ -29,6 +29,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline (32 px default), written once per session; treat it as read-only.
+    The settings fixture does not copy it: a test that trains on `tiny-sdxl` copies it into
+    data_dir/models/tiny-sdxl (see tests/e2e/test_sdxl_service.py)."""
+    from trainer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl-model"), family="sdxl")
+
+
 def _pg_admin():
     import psycopg
 
