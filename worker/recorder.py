@@ -9,6 +9,7 @@ list) and sent, in order, once it answers again.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger("loraq.worker")
 OWNED_STATES = (JobState.running, JobState.canceling)
 METRIC_FIELDS = ("loss", "lr", "grad_norm", "epoch", "images_per_s")
 STOPPED = "stopped"  # the child stopped on request after a checkpoint (worker/child.py)
+PUBLISH_BACKOFF_S = (0.25, 4.0)  # between tries of a Redis that refused events
 HANDED_BACK = "worker shutting down"  # the reason on the state event of a job a worker hands back
 
 
@@ -52,6 +54,8 @@ class Recorder:
         self.stopped: dict | None = None  # its `stopped` event: it checkpointed and ended on request
         self.last_seq = 0  # the highest job event number this recorder has committed
         self._unpublished: list = []  # committed events Redis has not taken yet, oldest first
+        self._publish_retry_at = 0.0
+        self._publish_delay = 0.0
         # The checkpoint (of any attempt) this attempt resumes from: listed once training starts,
         # since the attempt that wrote it may have died before recording it.
         self.resumed_from: Path | None = None
@@ -125,9 +129,16 @@ class Recorder:
         return new_attempt
 
     def publish_pending(self) -> bool:
-        """Send the events Redis refused before; True when none is left."""
-        if self._unpublished:
-            self._unpublished = events.publish(self.redis, self._unpublished)
+        """Send the events Redis refused before, in order, when the backoff allows; True when
+        none is left. Only the newest STREAM_MAXLEN are kept (the stream holds no more)."""
+        now = time.monotonic()
+        if self._unpublished and now >= self._publish_retry_at:
+            self._unpublished = events.publish(self.redis, self._unpublished)[-events.STREAM_MAXLEN:]
+            if self._unpublished:
+                self._publish_delay = min(max(PUBLISH_BACKOFF_S[0], self._publish_delay * 2), PUBLISH_BACKOFF_S[1])
+                self._publish_retry_at = now + self._publish_delay
+            else:
+                self._publish_delay = 0.0
         return not self._unpublished
 
     # ----------------------------------------------------------------------------------------
@@ -155,7 +166,8 @@ class Recorder:
         if added:
             self.last_seq = max(self.last_seq, *(event.seq for event in added))
         # In order: nothing new goes to the stream ahead of what it refused before.
-        self._unpublished = events.publish(self.redis, self._unpublished + added)[-events.STREAM_MAXLEN:]
+        self._unpublished.extend(added)
+        self.publish_pending()
 
     def _written(self, batch: list[dict]) -> bool:
         """Whether `batch` is already in the database: the job event its first step or checkpoint

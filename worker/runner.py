@@ -324,10 +324,13 @@ class Supervisor:
             now = time.monotonic()
             if self.outage.ready(now):
                 try:
+                    held = len(self._pending)
                     if self.outage.since is not None:
                         self._store_round(now)
                     self._flush()
-                    return write()
+                    outcome = write()
+                    self.outage.recovered(now, held)
+                    return outcome
                 except LostOwnership:
                     raise
                 except Exception as error:
