@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.data import ResumePoint
+from trainer.data import ResumePoint, capture_rng
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "sampler_rng.safetensors"
@@ -163,30 +164,46 @@ def disk_errno(error: BaseException) -> int | None:
     return None
 
 
-def write_state(path: Path, state: TrainerState, rng_before: torch.Tensor | None, config: dict) -> None:
-    """Record progress (and the config that made it) next to accelerate's files."""
+def write_state(path: Path, state: TrainerState, rng_before, config: dict) -> None:
+    """Record progress (and the config that made it) next to accelerate's files. `rng_before` is
+    torch's CPU state, or (torch's, Python's `random`) as `trainer.data.capture_rng` gives it."""
     payload = {**state.__dict__, "config": config}
     with atomic_file(path / STATE_FILE) as partial:
         partial.write_text(json.dumps(payload, indent=2))
     if rng_before is not None:
+        torch_state, python_state = rng_before if isinstance(rng_before, tuple) else (rng_before, None)
+        tensors = {"rng_before": torch_state.contiguous()}
+        if python_state is not None:
+            version, internal, gauss_next = python_state
+            tensors["python_rng_before"] = torch.tensor([version, *internal], dtype=torch.int64)
+            tensors["python_gauss_next"] = torch.tensor([float("nan") if gauss_next is None else gauss_next],
+                                                        dtype=torch.float64)
         with atomic_file(path / RNG_FILE) as partial:
-            save_file({"rng_before": rng_before.contiguous()}, str(partial))
+            save_file(tensors, str(partial))
 
 
-def read_state(path: Path) -> tuple[TrainerState, torch.Tensor | None]:
-    """Progress and the saved pre-batch RNG state (None when the epoch was at a boundary)."""
+def read_state(path: Path) -> tuple[TrainerState, tuple | None]:
+    """Progress and the saved pre-batch random state, (torch's, Python's or None), None when the
+    epoch was at a boundary."""
     payload = json.loads((path / STATE_FILE).read_text())
     state = TrainerState(**{k: payload[k] for k in TrainerState.__dataclass_fields__})
     rng_file = path / RNG_FILE
-    rng_before = load_file(str(rng_file))["rng_before"] if rng_file.is_file() else None
-    return state, rng_before
+    if not rng_file.is_file():
+        return state, None
+    tensors = load_file(str(rng_file))
+    python_state = None
+    if "python_rng_before" in tensors:
+        values = [int(v) for v in tensors["python_rng_before"].tolist()]
+        gauss_next = float(tensors["python_gauss_next"][0])
+        python_state = (values[0], tuple(values[1:]), None if math.isnan(gauss_next) else gauss_next)
+    return state, (tensors["rng_before"], python_state)
 
 
-def resume_point(state: TrainerState, rng_before: torch.Tensor | None) -> ResumePoint | None:
+def resume_point(state: TrainerState, rng_before) -> ResumePoint | None:
     """How the data sampler continues the interrupted epoch, if one was under way."""
     if state.epoch_seed is None or state.position == 0:
         return None
     return ResumePoint(
         seed=state.epoch_seed, position=state.position, rng_before=rng_before,
-        rng_after=torch.get_rng_state() if rng_before is not None else None,
+        rng_after=capture_rng() if rng_before is not None else None,
     )

@@ -1,4 +1,4 @@
-"""`python -m trainer train ...` and `python -m trainer tiny-model DIR`."""
+"""`python -m trainer train ...` and `python -m trainer tiny-model DIR [--family sd|sdxl]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.config import AnyConfig, ConfigError, load_config
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -57,11 +57,27 @@ def read_config_file(path: str) -> dict[str, Any]:
     return loaded
 
 
-def build_config(config_file: str | None, overrides: list[str]) -> TrainConfig:
-    """File options first, command-line options over them, validated together."""
+def build_config(config_file: str | None, overrides: list[str]) -> AnyConfig:
+    """File options first, command-line options over them, validated together, as options of
+    `--family` or else of the base model's family (read from its files)."""
     values = read_config_file(config_file) if config_file else {}
     values.update(parse_overrides(overrides))
-    return load_config(values)
+    return load_config(values, values.get("family") or model_family(values.get("pretrained_model_name_or_path")))
+
+
+def model_family(source: Any) -> str:
+    """The family of the base model; "sd" when it is not here to read (the run names it later).
+    A model of no supported family is refused now, naming what it is."""
+    from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
+
+    if not isinstance(source, str) or not source:
+        return "sd"
+    try:
+        return detect_family(source)
+    except ModelNotFound:
+        return "sd"
+    except UnsupportedModel as error:
+        raise ConfigError(f"pretrained_model_name_or_path: {error}") from None
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -103,7 +119,7 @@ def _quiet_libraries() -> None:
 def _tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
     from trainer.tiny import write_tiny_model
 
-    path = write_tiny_model(args.directory, prediction_type=args.prediction_type, seed=args.seed)
+    path = write_tiny_model(args.directory, prediction_type=args.prediction_type, seed=args.seed, family=args.family)
     print(json.dumps({"type": "done", "paths": [str(path)]}))
     return 0
 
@@ -133,8 +149,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bar on stderr")
     train.set_defaults(handler=_train)
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny SD-shaped pipeline with random weights")
+    tiny = commands.add_parser("tiny-model", help="write a tiny SD- or SDXL-shaped pipeline with random weights")
     tiny.add_argument("directory")
+    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl"])
     tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_tiny_model)

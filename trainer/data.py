@@ -194,14 +194,32 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 # Batch order
 
 
+# The random state the data pipeline draws from: torch's CPU generator and Python's `random`
+# (SDXL's flips, multi-caption choices), saved and restored together.
+RandomState = tuple[torch.Tensor, tuple]
+
+
+def capture_rng() -> RandomState:
+    return torch.get_rng_state(), random.getstate()
+
+
+def restore_rng(state: RandomState | torch.Tensor) -> None:
+    if isinstance(state, torch.Tensor):  # torch's alone (a checkpoint from before SDXL)
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        random.setstate(state[1])
+
+
 @dataclass
 class ResumePoint:
     """Where an interrupted epoch stopped, so it continues with the same order and random stream."""
 
     seed: int
     position: int  # index of the first batch still to train
-    rng_before: torch.Tensor | None  # CPU RNG state before that batch was first loaded
-    rng_after: torch.Tensor | None  # CPU RNG state at the checkpoint
+    rng_before: RandomState | None  # CPU random state before that batch was first loaded
+    rng_after: RandomState | None  # CPU random state at the checkpoint
 
 
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -222,7 +240,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.resume_point: ResumePoint | None = None
         self.epoch_seed: int | None = None
         self.position = -1
-        self.rng_at_position: torch.Tensor | None = None
+        self.rng_at_position: RandomState | None = None
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
@@ -241,10 +259,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         replay = resume is not None and resume.rng_before is not None
         for position in range(start, len(self)):
             if replay and position == start:
-                torch.set_rng_state(resume.rng_before)
+                restore_rng(resume.rng_before)
             self.position = position
-            self.rng_at_position = torch.get_rng_state()
+            self.rng_at_position = capture_rng()
             yield order[position * self.batch_size:(position + 1) * self.batch_size]
             # The loader asks for the next batch only after loading this one.
             if replay and position == start + self.num_processes - 1:
-                torch.set_rng_state(resume.rng_after)
+                restore_rng(resume.rng_after)

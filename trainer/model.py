@@ -55,6 +55,10 @@ def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn
     """
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
               for name, state in lora_state_dicts(models).items()}
+    # The adapter's config (alpha above all) goes into the file's metadata, so a loader applies
+    # lora_alpha / rank as trained rather than assuming alpha = rank.
+    layers.update({f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()
+                   for name, model in models.items()})
     path = Path(output_dir) / LORA_WEIGHTS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as partial:

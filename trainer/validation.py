@@ -1,4 +1,7 @@
-"""Validation images: the pipeline with the LoRA being trained renders the validation prompt."""
+"""Validation images: the pipeline with the LoRA being trained renders the validation prompt.
+
+The family builds the pipeline (`Family.pipeline`); this renders and saves.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import contextlib
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 
 def render(pipeline: DiffusionPipeline, prompt: str, count: int, seed: int | None, resolution: int,
@@ -36,15 +39,3 @@ def save_images(images: list, directory: Path, prefix: str) -> list[str]:
         image.save(path)
         paths.append(str(path))
     return paths
-
-
-def pipeline_with(source: str, revision: str | None, variant: str | None, dtype: torch.dtype,
-                  device, **models) -> DiffusionPipeline:
-    """The base model's pipeline around in-memory models (as the script builds it); only the
-    small parts not given, such as the inference scheduler, are read from `source`."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        source, revision=revision, variant=variant, torch_dtype=dtype, safety_checker=None,
-        requires_safety_checker=False, **models,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)

@@ -23,3 +23,19 @@ def sample_data(tmp_path) -> Path:
     from trainer.sample_data import write_sample_dataset
 
     return write_sample_dataset(tmp_path / "data", n_images=4, size=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline (32 px default), written once per session; treat it as read-only."""
+    from trainer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_v(tmp_path_factory) -> Path:
+    """The tiny SDXL pipeline predicting v (velocity)."""
+    from trainer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl-v"), prediction_type="v_prediction", family="sdxl")

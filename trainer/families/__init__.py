@@ -10,8 +10,9 @@ __all__ = ["FAMILIES", "Components", "Conditioning", "Family", "get_family"]
 
 def _families() -> dict[str, Family]:
     from trainer.families.sd import SDFamily
+    from trainer.families.sdxl import SDXLFamily
 
-    return {family.name: family for family in (SDFamily(),)}
+    return {family.name: family for family in (SDFamily(), SDXLFamily())}
 
 
 FAMILIES: dict[str, Family] = _families()

@@ -180,12 +180,12 @@ class Family:
         with torch.random.fork_rng(devices=[]):
             if is_single_file_name(source):
                 pipeline = self.pipeline_class.from_single_file(
-                    source, config=_config_dir(config), local_files_only=True, torch_dtype=dtype,
+                    source, config=_config_dir(config), local_files_only=True, dtype=dtype,
                     **self.pipeline_kwargs(), **models,
                 )
             else:
                 pipeline = self.pipeline_class.from_pretrained(
-                    source, revision=config.revision, variant=config.variant, torch_dtype=dtype,
+                    source, revision=config.revision, variant=config.variant, dtype=dtype,
                     **self.pipeline_kwargs(), **models,
                 )
         pipeline.set_progress_bar_config(disable=True)

@@ -64,8 +64,8 @@ class SDFamily(Family):
         return {"input_ids": data.tokenize(components.tokenizer, captions)}
 
     def encode_text(self, components: SDComponents, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        input_ids = batch["input_ids"].to(components.text_encoder.device)
-        return {"encoder_hidden_states": components.text_encoder(input_ids, return_dict=False)[0]}
+        # The ids are on the training device already (a prepared loader, or the cache's own).
+        return {"encoder_hidden_states": components.text_encoder(batch["input_ids"], return_dict=False)[0]}
 
     def predict(self, unet, noisy_latents, timesteps, conditioning: Conditioning) -> torch.Tensor:
         return unet(noisy_latents, timesteps, conditioning["encoder_hidden_states"], return_dict=False)[0]
