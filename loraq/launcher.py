@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import redis
 
 from loraq.migrate import upgrade
-from loraq.settings import Settings
+from loraq.settings import DEMO_MODELS, Settings
 
 log = logging.getLogger("loraq.launcher")
 
@@ -59,11 +59,14 @@ def ensure_redis(settings: Settings) -> subprocess.Popen | None:
 
 
 def ensure_demo_files(settings: Settings) -> Path:
-    """Generate the demo model and a small sample dataset (a folder and a zip) on first start."""
-    if not (settings.demo_model_dir / "model_index.json").is_file():
-        print("generating the demo model tiny-sd ...", flush=True)
-        subprocess.run([sys.executable, "-m", "trainer", "tiny-model", str(settings.demo_model_dir)],
-                       check=True, stdout=subprocess.DEVNULL)
+    """Generate the demo models (tiny-sd, tiny-sdxl) and a small sample dataset (a folder and a
+    zip) on first start."""
+    for name, family in DEMO_MODELS.items():
+        folder = settings.demo_dir(name)
+        if not (folder / "model_index.json").is_file():
+            print(f"generating the demo model {name} ...", flush=True)
+            subprocess.run([sys.executable, "-m", "trainer", "tiny-model", str(folder), "--family", family],
+                           check=True, stdout=subprocess.DEVNULL)
     samples = settings.data_dir / "samples"
     archive = samples / "demo-dataset.zip"
     if not archive.is_file():
@@ -115,7 +118,8 @@ def main() -> int:
         f"\nloraq is up: {url}  (dashboard: {url}/ , API docs: {url}/docs, health: {url}/healthz)\n"
         f"Every /v1 call needs the admin key the API made on its first start ({settings.data_dir / 'admin-key'}):\n"
         f"  curl -H \"Authorization: Bearer $(cat {settings.data_dir / 'admin-key'})\" -F files=@{archive} {url}/v1/datasets\n"
-        f"Then POST {url}/v1/jobs with the dataset id and base_model tiny-sd. Ctrl-C stops everything.\n",
+        f"Then POST {url}/v1/jobs with the dataset id and base_model tiny-sd (or tiny-sdxl). "
+        "Ctrl-C stops everything.\n",
         flush=True,
     )
     stopping = False
