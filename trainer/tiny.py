@@ -143,9 +143,9 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _tiny_text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+def _tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, **extra) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
     )
@@ -166,13 +166,16 @@ def write_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", seed:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
             attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-            cross_attention_dim=64,  # both encoders' hidden states, concatenated
+            cross_attention_dim=72,  # both encoders' hidden states (32 + 40), concatenated
             addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
             projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
         )
         vae = _tiny_vae(scaling_factor=0.13025)
         text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, projection_dim=pooled_dim))
+        # A different width from the first encoder's, as in real SDXL (768 vs 1280): a single-file
+        # loader tells the two apart by it.
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer_2, projection_dim=pooled_dim, hidden_size=40))
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading",
@@ -183,3 +186,138 @@ def write_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", seed:
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Single-file checkpoints (the original CompVis / Stability layout), for the single-file tests
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPENCLIP_LAYER_TO_LDM = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                          "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+
+
+def _unet_key_to_ldm(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
+    """A diffusers UNet key in the original UNet's naming (input/middle/output blocks)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    plain = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    if key in plain:
+        return plain[key]
+    parts = key.split(".")
+    per_level = layers_per_block + 1
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "resnets":
+            return f"middle_block.{0 if index == 0 else 2}.{resnet(rest)}"
+        return f"middle_block.1.{'.'.join(rest)}"
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # conv -> op
+            return f"input_blocks.{(block + 1) * per_level}.0.op.{'.'.join(rest[1:])}"
+        number = 1 + block * per_level + index
+        return f"input_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{number}.1.{'.'.join(rest)}"
+    if kind == "upsamplers":
+        position = 2 if block in up_attentions else 1
+        return f"output_blocks.{block * per_level + layers_per_block}.{position}.{'.'.join(rest)}"
+    number = block * per_level + index
+    return f"output_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{number}.1.{'.'.join(rest)}"
+
+
+def _vae_key_to_ldm(key: str, value: torch.Tensor, up_blocks: int) -> tuple[str, torch.Tensor]:
+    """A diffusers VAE key (and value: attention projections become 1x1 convolutions)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    if key in DIFFUSERS_TO_LDM_MAPPING["vae"]:
+        return DIFFUSERS_TO_LDM_MAPPING["vae"][key], value
+    parts = key.split(".")
+    coder = parts[0]
+    if parts[1] == "mid_block":
+        kind, index, rest = parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "attentions":
+            for old, new in _VAE_ATTENTION_TO_LDM.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+            return f"{coder}.mid.attn_1.{rest}", value
+        return f"{coder}.mid.block_{index + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}", value
+    block, kind, index, rest = int(parts[2]), parts[3], int(parts[4]), ".".join(parts[5:])
+    level = block if coder == "encoder" else up_blocks - 1 - block
+    name = "down" if coder == "encoder" else "up"
+    if kind in ("downsamplers", "upsamplers"):
+        return f"{coder}.{name}.{level}.{kind[:-2]}.{rest}", value  # downsample.conv / upsample.conv
+    return f"{coder}.{name}.{level}.block.{index}.{rest.replace('conv_shortcut', 'nin_shortcut')}", value
+
+
+def _clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model under `prefix`, in its own (text_model.*) naming."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if not key.startswith(("text_model.", "text_projection.")):
+            key = "text_model." + key  # transformers >= 5.6 flattened CLIPTextModel
+        out[prefix + key] = value
+    return out
+
+
+def _openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's naming (SDXL's second encoder, bigG)."""
+    out = {}
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
+    for key, name in fixed.items():
+        out[prefix + name] = state.pop(key)
+    out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    for i in layers:
+        source, target = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{source}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+        for key in [k for k in state if k.startswith(source)]:
+            rest = key[len(source):]
+            for old, new in _OPENCLIP_LAYER_TO_LDM.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+            out[target + rest] = state.pop(key)
+    if state:
+        raise ValueError(f"unmapped text encoder keys: {sorted(state)[:3]}")
+    return out
+
+
+def write_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
+    """Write an SD or SDXL pipeline folder as one original-format `.safetensors` checkpoint (the
+    layout finetunes are shared in), which diffusers' `from_single_file` reads back given the
+    folder as `config`. Every tensor is kept exactly (renamed, reshaped or concatenated only)."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    unet_config = pipe.unet.config
+    up_attentions = {i for i, kind in enumerate(unet_config.up_block_types) if "CrossAttn" in kind}
+    checkpoint = {
+        "model.diffusion_model." + _unet_key_to_ldm(k, unet_config.layers_per_block, up_attentions): v
+        for k, v in pipe.unet.state_dict().items()
+    }
+    for key, value in pipe.vae.state_dict().items():
+        name, value = _vae_key_to_ldm(key, value, len(pipe.vae.config.up_block_types))
+        checkpoint["first_stage_model." + name] = value
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        checkpoint.update(_clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        checkpoint.update(_openclip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:
+        checkpoint.update(_clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in checkpoint.items()}, str(out_file))
+    return out_file

@@ -103,7 +103,7 @@ def test_conditioning_is_the_scripts(tiny_sdxl, wide_data, tmp_path):
     expected_embeds = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
     torch.testing.assert_close(conditioning["prompt_embeds"], expected_embeds, rtol=0, atol=0)
     torch.testing.assert_close(conditioning["pooled_prompt_embeds"], two.text_embeds, rtol=0, atol=0)
-    assert conditioning["prompt_embeds"].shape == (4, 77, 64) and conditioning["pooled_prompt_embeds"].shape == (4, 32)
+    assert conditioning["prompt_embeds"].shape == (4, 77, 72) and conditioning["pooled_prompt_embeds"].shape == (4, 32)
     # The second tokenizer pads with "!" as SDXL's does; the first with its end token.
     assert components.tokenizer_2.pad_token == "!" and components.tokenizer.pad_token != "!"
 
@@ -242,3 +242,22 @@ def test_two_processes_report_each_step_once(tiny_sdxl, tmp_path):
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["type"] == "done"
     assert any(k.startswith("text_encoder_2.") for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_file_checkpoint_trains_as_its_folder(family, tiny_model, tiny_sdxl, square_data, tmp_path):
+    from trainer.tiny import write_single_file
+
+    folder = tiny_sdxl if family == "sdxl" else tiny_model
+    single = write_single_file(folder, tmp_path / f"tiny-{family}.safetensors")
+    options = dict(pretrained_model_name_or_path=str(folder), train_data_dir=str(square_data), resolution=32,
+                   train_batch_size=2, seed=0, max_train_steps=3, random_flip=True, cache_latents=False)
+    from_folder = train(load_config({**options, "output_dir": str(tmp_path / "folder")}, family))
+    from_file = train(load_config({**options, "output_dir": str(tmp_path / "file"),
+                                   "pretrained_model_name_or_path": str(single),
+                                   "pretrained_config_dir": str(folder)}, family))
+    assert from_file.losses == from_folder.losses
+    # Without the config folder the file alone cannot say its components' shapes: named, not guessed.
+    with pytest.raises(ModelLoadError, match="pretrained_config_dir"):
+        train(load_config({**options, "output_dir": str(tmp_path / "no-config"),
+                           "pretrained_model_name_or_path": str(single)}, family))
