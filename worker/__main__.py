@@ -11,7 +11,7 @@ import redis
 
 from loraq.reaper import start_reaper
 from loraq.settings import Settings
-from loraq.workers import start_heartbeat
+from loraq.workers import KEY_PREFIX, start_heartbeat
 from worker.app import create_app, warm_up, worker_argv
 
 
@@ -20,15 +20,30 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     warm_up()
     app = create_app(settings)
-    stop = start_heartbeat(redis.Redis.from_url(settings.redis_url), f"{socket.gethostname()}:{os.getpid()}",
-                           {"pid": os.getpid(), "host": socket.gethostname(), "queue": settings.queue_name})
+    client = redis.Redis.from_url(settings.redis_url)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    stop = start_heartbeat(client, name, {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "queue": settings.queue_name})
     # Every worker also reaps expired leases (jobs of workers that died); concurrent reapers are safe.
     stop_reaper = start_reaper(settings)
+    code: int | str | None = 0
     try:
         app.worker_main(worker_argv(settings) + list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        code = exit_.code
     finally:
         stop_reaper.set()
         stop.set()
+    try:  # gone from /healthz now, not when the heartbeat key expires
+        client.delete(KEY_PREFIX + name)
+    except redis.RedisError:
+        pass
+    # Skip the interpreter's teardown: collecting what torch and diffusers hold took seconds of a
+    # shutdown's grace. Everything worth keeping is in the database and the job folders.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":
