@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from loraq.errors import Conflict, Invalid, NotFound
 from loraq.models import ACTIVE_STATES, BaseModelRow, Job
 from loraq.settings import DEMO_MODELS, Settings
-from trainer.detect import ModelInfo, UnsupportedModel, inspect_model
+from trainer.detect import ModelInfo, UnsupportedModel, inspect_model, local_path
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?")
 
@@ -111,12 +111,12 @@ def config_folder(config: str | None, family: str, source: str) -> str:
 def _inspect(source: str) -> ModelInfo:
     """inspect_model, remembered while the file or folder is unchanged (a single file's header
     can be a few hundred kB of JSON, and GET /v1/models looks at every model)."""
-    path = Path(source).expanduser()
-    marker = path / "model_index.json" if path.is_dir() else path
+    path = local_path(source)
     try:
+        marker = path / "model_index.json" if path.is_dir() else path
         stat = marker.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
-    except OSError:
+    except (OSError, ValueError):
         stamp = None
     return _inspect_cached(source, stamp) if stamp is not None else inspect_model(source)
 
@@ -132,11 +132,16 @@ def _inspect_cached(source: str, stamp: tuple[int, int]) -> ModelInfo:
 
 def default_name(source: str) -> str:
     path = Path(source)
-    if path.is_dir():
-        return path.resolve().name
-    if path.is_file():
-        return path.stem
+    if _exists(path):
+        return path.name if path.is_dir() else path.stem
     return source  # a hub id names itself, as in LORAQ_MODELS
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the filesystem: no such path
+        return False
 
 
 def add_model(session: Session, settings: Settings, source: str, name: str | None = None,
@@ -144,12 +149,12 @@ def add_model(session: Session, settings: Settings, source: str, name: str | Non
     """Register a base model after checking it here: it exists, its family is supported, and a
     single file has a config folder of its family. 422 naming the problem; 409 for a taken name."""
     source = source.strip()
-    path = Path(source).expanduser()
-    if path.exists():  # stored absolute: workers run from other folders
+    path = local_path(source)
+    if _exists(path):  # stored absolute: workers run from other folders
         source = str(path.resolve())
     if config:
-        config_path = Path(config).expanduser()
-        config = str(config_path.resolve()) if config_path.exists() else config.strip()
+        config_path = local_path(config.strip())
+        config = str(config_path.resolve()) if _exists(config_path) else config.strip()
     name = name or default_name(source)
     status = describe(settings, ModelEntry(name, source, "added", config))
     if status.problem is not None:

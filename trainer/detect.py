@@ -80,10 +80,11 @@ def detect_family(source: str | Path) -> str:
 def inspect_model(source: str | Path) -> ModelInfo:
     """The family, form and local path of a base model source (see the module docstring)."""
     text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
+    path = local_path(text)
+    kind = _kind(path)
+    if kind == "dir":
         return ModelInfo(_family_of_index(path / MODEL_INDEX, text), "folder", str(path))
-    if path.is_file():
+    if kind == "file":
         return ModelInfo(single_file_family(path), "single_file", str(path))
     if is_single_file_name(text) or text.startswith(("/", ".", "~")) or text.count("/") != 1:
         raise ModelNotFound(f"{text}: no such folder or file")
@@ -92,6 +93,22 @@ def inspect_model(source: str | Path) -> ModelInfo:
         raise ModelNotFound(f"{text}: not a local folder, and not in the local Hugging Face cache "
                             "(models are never downloaded here)")
     return ModelInfo(_family_of_index(index, text), "hub", str(index.parent))
+
+
+def local_path(source: str | Path) -> Path:
+    """`source` as a local path, `~` expanded where it can be."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # "~someone" with no such user: a name, not a home folder
+        return Path(source)
+
+
+def _kind(path: Path) -> str | None:
+    """"dir", "file", or None when nothing is there (or the name cannot be a path here at all)."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.is_file() else None
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no such path
+        return None
 
 
 def is_single_file_name(source: str | Path) -> bool:

@@ -150,7 +150,10 @@ def test_a_single_file_takes_its_family_config_from_the_settings(make_client, se
     (lambda d: d / "missing.safetensors", "no such folder or file"),
     (lambda d: pipeline_folder(d / "flux", "FluxPipeline"), "FluxPipeline is not a supported family"),
     (lambda d: "nobody/not-cached", "not in the local Hugging Face cache"),
-], ids=["random-bytes", "lora", "vae-only", "flux-file", "ckpt", "missing", "flux-folder", "hub-not-cached"])
+    (lambda d: "x" * 900, "no such folder or file"),  # too long for the filesystem: still a 422
+    (lambda d: "~nosuchuser/model", "no such folder or file"),
+], ids=["random-bytes", "lora", "vae-only", "flux-file", "ckpt", "missing", "flux-folder", "hub-not-cached",
+        "name-too-long", "unknown-home"])
 def test_adding_what_is_no_base_model_is_refused_with_a_message(client, tmp_path, make, expected):
     source = make(tmp_path)
 

@@ -71,6 +71,9 @@ def test_missing_sources(tmp_path):
         detect_family(tmp_path / "nothing.safetensors")
     with pytest.raises(ModelNotFound, match="not in the local Hugging Face cache"):
         detect_family("nobody/nothing-here")
+    for name in ("x" * 900, f"/{'x' * 300}/model.safetensors", "~nosuchuser/model"):  # no OSError escapes
+        with pytest.raises(ModelNotFound, match="no such folder or file"):
+            detect_family(name)
 
 
 def test_a_cached_hub_id(tmp_path, tiny_model, monkeypatch):
