@@ -85,14 +85,15 @@ def start(command: list[str], name: str) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
-def stop(processes: list[tuple[str, subprocess.Popen]]) -> None:
-    for _, process in reversed(processes):
+def stop(processes: list[tuple[str, subprocess.Popen]], grace_s: float = 30.0) -> None:
+    """SIGTERM each process and wait for it, in reverse start order: the worker first, which hands
+    its running job back (a checkpoint, the job queued again) within `grace_s` while the API and
+    Redis it needs are still up."""
+    for name, process in reversed(processes):
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for name, process in reversed(processes):
         try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            process.wait(timeout=grace_s + 5 if name == "worker" else 20)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop; killing it", name)
             process.kill()
@@ -126,6 +127,10 @@ def main() -> int:
 
     def request_stop(signum, frame):
         nonlocal stopping
+        if stopping:  # a second Ctrl-C: the worker stops at once too (its job is left to the lease)
+            for name, process in processes:
+                if name == "worker" and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
         stopping = True
 
     signal.signal(signal.SIGINT, request_stop)
@@ -139,8 +144,9 @@ def main() -> int:
                     stopping, code = True, 1
             time.sleep(0.5)
     finally:
-        print("stopping ...", flush=True)
-        stop(processes)
+        print(f"stopping ... (the worker hands its job back within {settings.shutdown_grace_s:g} s; "
+              "Ctrl-C again stops it at once)", flush=True)
+        stop(processes, settings.shutdown_grace_s)
     return code
 
 
