@@ -110,6 +110,12 @@ def test_batch_rerun_after_the_same_folder_is_uploaded_again(service, tmp_path):
     resubmitted = loraq(service, "submit", "./data", *TINY, "--set", "max_train_steps=1", cwd=tmp_path)
     assert resubmitted.returncode == 0 and "reused" in resubmitted.stderr, resubmitted.stderr
     assert service.client.get(f"/v1/jobs/{resubmitted.stdout.split()[0]}").json()["dataset_id"] == dataset_id
+    # the same shape of bug in `loraq submit PATH --idempotency-key`: a rerun uploads the folder
+    # again, gets the same dataset back, so sends the same body and gets the same job
+    keyed = [loraq(service, "submit", "./data", *TINY, "--set", "max_train_steps=1", "--idempotency-key", "k-1",
+                   cwd=tmp_path) for _ in range(2)]
+    assert [k.returncode for k in keyed] == [0, 0], keyed[1].stderr
+    assert keyed[0].stdout.split()[0] == keyed[1].stdout.split()[0]
 
     hashes = {d["id"]: d["content_hash"] for d in service.client.get("/v1/datasets").json()["items"]}
     assert len(set(copies)) == 3 and set(hashes) == {dataset_id, *copies}
