@@ -55,6 +55,28 @@ class Settings(BaseSettings):
     cache_max_bytes: int = 50 * 1024**3
     queue_name: str = "train"
 
+    # Limits on a job's size (loraq/limits.py): a submission over one is a 422 naming the option
+    # and the limit. 0 turns a limit off. Admin keys are exempt from the size limits unless
+    # limits_exempt_admins is false; the wall-clock limit applies to every job (the worker
+    # cannot tell whose key queued it).
+    max_resolution: int = 2048
+    max_train_batch_size: int = 64
+    max_rank: int = 256
+    max_train_steps: int = 100_000  # the run's total optimizer steps, however they are asked for
+    max_validation_images: int = 16
+    # Each attempt's training time; past it the training checkpoints at its next step and the job
+    # fails saying so (the checkpoints stay, so a retry resumes). Attempts never run past
+    # loraq.queue.MAX_ATTEMPT_S (8 h) whatever this says.
+    max_job_seconds: float = 6 * 3600
+    limits_exempt_admins: bool = True
+
+    # GET /metrics (Prometheus; api/services/metrics.py): not behind the API key. metrics_port
+    # serves it from a separate small server in the API process (on metrics_host, default host)
+    # instead of the main app.
+    metrics_enabled: bool = True
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value):

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraq import events, jobs
 from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError, unavailable_store
+from loraq.limits import WallClock
 from loraq.models import Dataset, Job, JobState
 from loraq.queue import MAX_ATTEMPT_S, enqueue_job, make_celery
 from loraq.settings import Settings
@@ -212,6 +213,7 @@ class Supervisor:
         self._canceling = False
         self._stop_asked = False
         self.outage = StoreOutage(self.job_id)
+        self.wall_clock = WallClock(settings.max_job_seconds)  # LORAQ_MAX_JOB_SECONDS (loraq/limits.py)
 
     def run(self) -> Outcome:
         try:
@@ -250,6 +252,18 @@ class Supervisor:
             if self._lease_ran_out():
                 return self._abandon("its lease ran out while the database was away",
                                      f"after {self.settings.lease_s:g} s without the database")
+            if self.wall_clock.expired():
+                # Out of time: a checkpoint at the next step, then the job fails (_settle_exit);
+                # a child that has not stopped within the grace is stopped, its checkpoints kept.
+                if self.wall_clock.ask():
+                    self.process.request_stop()
+                    log.warning("job.time_limit job=%s attempt=%s: past %g s; asked the training for a checkpoint",
+                                self.job_id, self.attempt, self.wall_clock.limit_s)
+                if self.wall_clock.overdue():
+                    self.process.stop()
+                    self._remove_incomplete()
+                    return self._with_store(lambda: _settle(self.recorder, Outcome.failed, self._fail,
+                                                            self.wall_clock.message()))
             if self.shutdown is not None and self.shutdown.requested.is_set():
                 self._ask_to_stop()
                 if self.shutdown.left_s() <= HANDBACK_RESERVE_S:
@@ -403,6 +417,8 @@ class Supervisor:
                          self.recorder.done.get("step"))
                 return Outcome.succeeded
             message = "the trainer reported success, but its LoRA file is missing"
+        elif self.process.exitcode == 0 and self.recorder.stopped and self.wall_clock.asked:
+            message = self.wall_clock.message(self.recorder.stopped.get("step"))
         elif self.process.exitcode == 0 and self.recorder.stopped:
             return self._hand_back()
         else:

@@ -28,6 +28,7 @@ from loraq import events, storage
 from loraq.auth import Principal
 from loraq.errors import Conflict, Invalid, NotFound
 from loraq.jobs import transition
+from loraq.limits import check_job_limits
 from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
 from loraq.queue import enqueue_job
 from loraq.registry import ModelStatus
@@ -139,6 +140,7 @@ def check_submission(session: Session, settings: Settings, principal: Principal,
     dataset = load_dataset(session, principal, body.dataset_id)
     model = check_base_model(settings, body.base_model, session)
     config, steps = validate_options(settings, dataset, model, body.options)
+    check_job_limits(settings, principal, config, steps)  # the operator's LORAQ_MAX_* (loraq/limits.py)
     return dataset, config, steps
 
 
