@@ -50,7 +50,8 @@ class ModelStatus:
 
     @property
     def available(self) -> bool:
-        return self.info is not None
+        """A job can train on it here: its files are here, of a supported family, and complete."""
+        return self.info is not None and self.problem is None
 
     def trainer_values(self) -> dict[str, str]:
         """The trainer options this model sets (its source, and a single file's config folder)."""

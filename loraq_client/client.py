@@ -100,6 +100,11 @@ class Job:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
+    @property
+    def family(self) -> str:
+        """The model family the job trains ("sd", "sdxl"), as its validated config records it."""
+        return self.config.get("family", "sd")
+
 
 @dataclass
 class Metric:

@@ -13,9 +13,8 @@ from loraq.settings import Settings
 
 def model_out(status: ModelStatus) -> ModelOut:
     entry = status.entry
-    return ModelOut(name=entry.name, source=entry.source, available=status.available and status.problem is None,
-                    family=status.family, kind=status.info.kind if status.info else None,
-                    config=status.config_dir if status.info and status.info.single_file else entry.config_dir,
+    return ModelOut(name=entry.name, source=entry.source, available=status.available, family=status.family,
+                    kind=status.info.kind if status.info else None, config=status.config_dir,
                     origin=entry.origin, problem=status.problem)
 
 

@@ -10,6 +10,7 @@ import pytest
 from loraq_client import Client
 from loraq_client.client import LoraqError
 from support.models import pipeline_folder
+from trainer.sample_data import write_sample_dataset
 
 
 @pytest.fixture
@@ -47,9 +48,13 @@ def test_client_models_add_and_remove(service, tmp_path):
         listed = {m.name: m for m in client.models()}
         client.remove_model("xl")
         after = {m.name for m in client.models()}
+        dataset = client.upload_dataset(write_sample_dataset(tmp_path / "data", n_images=2, size=32))
+        job = client.create_job(dataset.id, "tiny-sdxl", {"resolution": 32, "max_train_steps": 1})
+        client.cancel(job.id)
 
     assert families == {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}
     assert (added.name, added.family, added.origin) == ("xl", "sdxl", "added")
     assert refused.value.status == 422 and "not a safetensors file" in refused.value.message
     assert listed["xl"].family == "sdxl" and listed["xl"].problem is None
     assert "xl" not in after
+    assert job.family == "sdxl" and job.config["resolution"] == 32
