@@ -1,5 +1,7 @@
 // The API under /v1 with the key this browser keeps: JSON requests, uploads with progress,
-// authenticated downloads and images. A 401 anywhere hands over to the key form.
+// authenticated downloads and images. A 401 anywhere hands over to the key form. A 503 (the
+// database or Redis away for a while) raises the "service unavailable, retrying" notice, and
+// reads wait and try again until the service answers, so a page never turns into an error.
 
 const KEY_NAME = 'loraq.apiKey';
 const WHO_NAME = 'loraq.whoami';
@@ -34,10 +36,52 @@ export class ApiError extends Error {
 }
 
 let unauthorized = () => {};
+let outage = {show: () => {}, hide: () => {}};
+let unavailable = false; // the last answer was a 503
 
 /** `handler(message)` runs on every 401 (the key is missing, wrong or revoked). */
 export function onUnauthorized(handler) {
   unauthorized = handler;
+}
+
+/** `show(message)` runs on a 503 (the server's message names the store that is away); `hide()`
+ * on the first answer after it that is not a 503. */
+export function onUnavailable(show, hide) {
+  outage = {show, hide};
+}
+
+function noteAvailability(status) {
+  if (status === 503) return;
+  if (unavailable) outage.hide();
+  unavailable = false;
+}
+
+const RETRY_MAX_MS = 5000;
+
+/** Wait out a 503: the server's Retry-After (seconds), at most RETRY_MAX_MS; rejects on abort. */
+function pause(response, signal) {
+  const seconds = Number(response.headers.get('Retry-After'));
+  const ms = Math.min(Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 2000, RETRY_MAX_MS);
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new DOMException('aborted', 'AbortError'));
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(timer);
+      reject(new DOMException('aborted', 'AbortError'));
+    }, {once: true});
+  });
+}
+
+/** fetch(), where a read (GET) that gets a 503 waits and tries again until it gets anything else. */
+async function fetchRetrying(path, init) {
+  for (;;) {
+    const response = await fetch(path, init);
+    if (response.status !== 503 || (init.method ?? 'GET') !== 'GET') return response;
+    const error = await errorOf(response);
+    unavailable = true;
+    outage.show(error.message);
+    await pause(response, init.signal);
+  }
 }
 
 export function isAbort(error) {
@@ -61,9 +105,14 @@ async function errorOf(response) {
 
 /** Throws an ApiError for a non-2xx answer; a 401 also goes to the key form unless `quiet401`. */
 export async function check(response, {quiet401 = false} = {}) {
+  noteAvailability(response.status);
   if (response.ok) return response;
   const error = await errorOf(response);
   if (error.status === 401 && !quiet401) unauthorized(error.message);
+  if (error.status === 503) {
+    unavailable = true;
+    outage.show(error.message);
+  }
   throw error;
 }
 
@@ -74,7 +123,7 @@ export async function request(method, path, {json, headers = {}, signal, key, qu
     init.body = JSON.stringify(json);
     init.headers['Content-Type'] = 'application/json';
   }
-  const response = await check(await fetch(path, init), {quiet401});
+  const response = await check(await fetchRetrying(path, init), {quiet401});
   return response.status === 204 ? null : response.json();
 }
 
@@ -111,7 +160,12 @@ export function uploadDataset(files, name, onProgress) {
     xhr.addEventListener('load', () => {
       if (xhr.status === 201 || xhr.status === 200) return resolve(xhr.response); // 200: an identical dataset, reused
       const error = new ApiError(xhr.status, xhr.response?.error?.message ?? `upload failed (${xhr.status})`);
+      noteAvailability(xhr.status);
       if (xhr.status === 401) unauthorized(error.message);
+      if (xhr.status === 503) {
+        unavailable = true;
+        outage.show(error.message);
+      }
       reject(error);
     });
     xhr.addEventListener('error', () => reject(new ApiError(0, 'the upload could not reach the server')));
@@ -121,7 +175,7 @@ export function uploadDataset(files, name, onProgress) {
 }
 
 export async function fetchBlob(path, {signal} = {}) {
-  const response = await check(await fetch(path, {headers: authHeaders(), signal}));
+  const response = await check(await fetchRetrying(path, {headers: authHeaders(), signal}));
   return response.blob();
 }
 

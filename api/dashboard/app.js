@@ -1,7 +1,7 @@
 // The dashboard's shell: routes a path to its page, keeps links in the page (no reloads), and
 // sends the user to the key form when there is no key or the server refuses it.
 
-import {get, keyStore, onUnauthorized} from './api.js';
+import {get, keyStore, onUnauthorized, onUnavailable} from './api.js';
 import {clear, h} from './dom.js';
 import {datasetsPage} from './pages/datasets.js';
 import {jobPage} from './pages/job.js';
@@ -99,6 +99,18 @@ document.addEventListener('click', (event) => {
   if (!routeOf(url.pathname)) return; // /docs, /healthz, files: a normal visit
   event.preventDefault();
   if (url.pathname + url.search !== location.pathname + location.search) navigate(url.pathname + url.search);
+});
+
+// The database or Redis away for a while: one notice above every page while reads wait and try
+// again (api.js), gone with the first answer after it; the page itself stays as it was.
+const outage = h('div', {id: 'outage', class: 'outage', role: 'status', hidden: true},
+  h('strong', {text: 'Service unavailable, retrying…'}), ' ', h('span', {class: 'outage-detail'}));
+document.querySelector('.topbar').after(outage);
+onUnavailable((message) => {
+  outage.querySelector('.outage-detail').textContent = message.replace(/^service unavailable:\s*/i, '');
+  outage.hidden = false;
+}, () => {
+  outage.hidden = true;
 });
 
 window.addEventListener('popstate', render);
