@@ -1,8 +1,8 @@
 """End to end with the SDXL family: a real API, a real worker, Redis and the database.
 
-A tiny-SDXL job from upload to a LoRA that StableDiffusionXLPipeline loads; an SD and an SDXL job
-on one warm worker; single-file checkpoints of both families added while the service runs (admin
-API and loraq-admin) training exactly as their folder form.
+A tiny-SDXL job from upload to a LoRA that StableDiffusionXLPipeline loads; single-file
+checkpoints of both families added while the service runs (admin API and loraq-admin) training
+exactly as their folder form, SD and SDXL jobs in turn on one warm worker.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def service(settings, start_service, tiny_sdxl_model):
 
 
 def train(service, dataset_id: str, base_model: str, **options) -> dict:
-    """Submit a job and wait for it to end; the finished job with its per-step `losses`."""
+    """Submit a job with the tiny options (and these); the queued job."""
     response = service.client.post("/v1/jobs", json={"dataset_id": dataset_id, "base_model": base_model,
                                                       "options": {**OPTIONS, **options}})
     assert response.status_code == 201, response.text
@@ -38,6 +38,7 @@ def train(service, dataset_id: str, base_model: str, **options) -> dict:
 
 
 def finish(service, job: dict) -> dict:
+    """Wait for the job to succeed; the finished job with its per-step `losses`."""
     done = service.wait_for(job["id"], FINAL, timeout=240)
     assert done["state"] == "succeeded", f"{done['error']}\n{service.tail()}"
     done["losses"] = [m["loss"] for m in service.client.get(f"/v1/jobs/{job['id']}/metrics").json()]
@@ -84,22 +85,8 @@ def test_tiny_sdxl_job_upload_submit_stream_artifacts(service, settings, tmp_pat
     assert np.abs(render() - before).max() > 1e-4
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])  # the worker's behaviour, not the database's
-def test_sd_then_sdxl_on_one_warm_worker(service, tmp_path):
-    dataset_id = upload(service, tmp_path)
-
-    sd = train(service, dataset_id, "tiny-sd")
-    sdxl = train(service, dataset_id, "tiny-sdxl")
-    sd, sdxl = finish(service, sd), finish(service, sdxl)
-
-    assert (sd["config"]["family"], sdxl["config"]["family"]) == ("sd", "sdxl")
-    assert sd["worker"] == sdxl["worker"] and len(service.workers) == 1 and service.worker.poll() is None
-    assert sdxl["started_at"] >= sd["finished_at"]
-    assert len(sd["losses"]) == len(sdxl["losses"]) == 4 and all(np.isfinite(sd["losses"] + sdxl["losses"]))
-
-
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_single_file_checkpoints_added_at_run_time_train_as_their_folders(service, settings, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite"])  # the worker's and the registry's behaviour, not the database's
+def test_single_files_added_at_run_time_and_sd_sdxl_jobs_on_one_warm_worker(service, settings, tmp_path):
     from trainer.tiny import write_single_file
 
     # given both demo pipelines saved as single-file checkpoints, added while the service runs:
@@ -122,13 +109,18 @@ def test_single_file_checkpoints_added_at_run_time_train_as_their_folders(servic
     refused = service.client.post("/v1/models", json={"source": str(random_file)})
     assert refused.status_code == 422 and "not a safetensors file" in refused.json()["error"]["message"]
 
-    # when the same options train each single file and its folder (the worker started before the adds)
+    # when the same options train each single file and its folder, SD and SDXL jobs in turn on the
+    # one worker that was started before the models were added
     dataset_id = upload(service, tmp_path)
-    jobs = {name: train(service, dataset_id, name) for name in ("tiny-sd", "my-sd", "tiny-sdxl", "my-xl")}
+    jobs = {name: train(service, dataset_id, name) for name in ("tiny-sd", "tiny-sdxl", "my-sd", "my-xl")}
     done = {name: finish(service, job) for name, job in jobs.items()}
 
-    # then each file trains with exactly its folder's losses
-    assert done["my-sd"]["config"]["family"] == "sd" and done["my-xl"]["config"]["family"] == "sdxl"
+    # then one warm worker ran them all, one after the other, each as its family
+    runs = list(done.values())
+    assert len({job["worker"] for job in runs}) == 1 and len(service.workers) == 1 and service.worker.poll() is None
+    assert all(b["started_at"] >= a["finished_at"] for a, b in zip(runs, runs[1:]))
+    assert [job["config"]["family"] for job in runs] == ["sd", "sdxl", "sd", "sdxl"]
+    # and each file trains with exactly its folder's losses
     assert done["my-sd"]["losses"] == pytest.approx(done["tiny-sd"]["losses"], rel=1e-5, abs=1e-7)
     assert done["my-xl"]["losses"] == pytest.approx(done["tiny-sdxl"]["losses"], rel=1e-5, abs=1e-7)
     assert done["tiny-sd"]["losses"] != done["tiny-sdxl"]["losses"]
