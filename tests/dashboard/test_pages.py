@@ -54,7 +54,8 @@ def test_every_module_a_script_imports_is_served(client):
 
 def test_options_schema_is_the_trainers_less_what_the_service_sets(client):
     properties = client.get("/dashboard/options.json").json()["properties"]
-    assert set(properties) == set(TrainConfig.model_fields) - SERVICE_FIELDS
+    # ... and less the family, which the chosen base model decides (per family: tests/api/test_models_api.py)
+    assert set(properties) == set(TrainConfig.model_fields) - SERVICE_FIELDS - {"family"}
     for name, default in SERVICE_DEFAULTS.items():
         assert properties[name]["default"] == default
     assert properties["resolution"]["default"] == 512
