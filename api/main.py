@@ -18,7 +18,7 @@ from starlette.routing import Match
 
 from api.deps import get_principal
 from api.routes import artifacts, datasets, events, health, jobs, keys, models
-from api.routes import pages
+from api.routes import metrics, pages
 from api.schemas import AUTH_ERRORS
 from loraq.auth import admin_key_path, ensure_admin_key
 from loraq.db import make_engine, make_session_factory
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_principal)],
                            responses=AUTH_ERRORS)
     app.include_router(health.router)
+    metrics.install(app, settings)  # GET /metrics (Prometheus), not behind the key; off or on its own port
     app.include_router(pages.router)
     pages.mount_static(app)
     return app
