@@ -138,6 +138,20 @@ def test_vae_stays_fp32_under_bf16_and_text_encoders_train(tiny_sdxl, square_dat
     assert set(run.models) == {"unet", "text_encoder", "text_encoder_2"}
     latents, noise, timesteps, conditioning = draw_inputs(run, next(iter(run.dataloader)))
     assert latents.dtype == torch.bfloat16 and conditioning["time_ids"].dtype == torch.bfloat16
+    # A separate VAE (a folder holding the VAE alone, as the fp16-fix one) runs in the weight dtype.
+    separate = setup(sdxl_config(tiny_sdxl, square_data, tmp_path / "vae", mixed_precision="bf16",
+                                 pretrained_vae_model_name_or_path=str(tiny_sdxl / "vae")))
+    assert separate.components.vae.dtype == torch.bfloat16
+
+
+def test_separate_vae_with_the_same_weights_gives_the_same_losses(tiny_sdxl, square_data, tmp_path):
+    own = train(sdxl_config(tiny_sdxl, square_data, tmp_path / "own", max_train_steps=2))
+    separate = train(sdxl_config(tiny_sdxl, square_data, tmp_path / "separate", max_train_steps=2,
+                                 pretrained_vae_model_name_or_path=str(tiny_sdxl / "vae")))
+    assert separate.losses == own.losses
+    with pytest.raises(ModelLoadError, match="pretrained_vae_model_name_or_path: cannot load"):
+        train(sdxl_config(tiny_sdxl, square_data, tmp_path / "missing",
+                          pretrained_vae_model_name_or_path=str(tmp_path / "no-such-vae")))
 
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl, wide_data, tmp_path):
@@ -165,7 +179,12 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl, wide_data, t
 
 def test_lora_loads_into_the_sdxl_pipeline_and_kohya_gives_the_same_image(tiny_sdxl, square_data, tmp_path):
     result = train(sdxl_config(tiny_sdxl, square_data, tmp_path, learning_rate=5e-2, max_train_steps=4,
-                               train_text_encoder=True, rank=2, lora_alpha=4))
+                               train_text_encoder=True, rank=2, lora_alpha=4, validation_prompt="a red circle",
+                               num_validation_images=1, validation_inference_steps=2))
+    # Validation renders with StableDiffusionXLPipeline, the last time from the saved file.
+    # After each of the 2 epochs, then once more from the saved file.
+    assert len(result.validation_images) == 3 and "final-step-000004-0.png" in result.validation_images[-1]
+    assert all(Image.open(path).size == (32, 32) for path in result.validation_images)
     weights = load_file(str(result.lora_path))
     assert {key.split(".")[0] for key in weights} == {"unet", "text_encoder", "text_encoder_2"}
     kohya = load_file(str(tmp_path / "lora_kohya.safetensors"))
