@@ -136,6 +136,22 @@ def test_a_single_file_takes_its_family_config_from_the_settings(make_client, se
     assert added.json()["config"] == str(sdxl_folder.resolve())
 
 
+def test_single_files_in_loraq_models(make_client, settings, tmp_path, sdxl_folder):
+    checkpoint = header_only_checkpoint(tmp_path / "ckpt" / "animagine.safetensors", SINGLE_FILE_KEYS["sdxl"])
+    sd_file = header_only_checkpoint(tmp_path / "ckpt" / "realistic.safetensors", SINGLE_FILE_KEYS["sd"])
+    client = make_client(settings.model_copy(update={"models": [str(checkpoint), str(sd_file)],
+                                                     "model_configs": {"sdxl": str(sdxl_folder)}}))
+
+    models = _models(client)
+
+    assert (models["animagine"]["family"], models["animagine"]["kind"], models["animagine"]["available"]) == (
+        "sdxl", "single_file", True)
+    assert models["animagine"]["config"] == str(sdxl_folder.resolve())
+    # an SD file with no SD config folder is listed with what it needs, and a job on it is refused
+    assert (models["realistic"]["family"], models["realistic"]["available"]) == ("sd", False)
+    assert "LORAQ_MODEL_CONFIGS=sd=FOLDER" in models["realistic"]["problem"]
+
+
 @pytest.mark.parametrize(("make", "expected"), [
     (lambda d: d.joinpath("random.safetensors").write_bytes(bytes(range(256)) * 8) and d / "random.safetensors",
      "not a safetensors file"),
