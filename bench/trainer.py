@@ -1,23 +1,31 @@
-"""Trainer benchmark: the shipped loop (latent cache) against the diffusers script's plain loop.
+"""Trainer benchmark: the latent cache against the plain loop, memory past RAM, a sweep sharing
+one cache, and the trainer's step against its floor.
 
-    make bench                     # or: python -m bench.trainer [--steps N] [--resolution R] [--device D]
+    make bench                     # or: python -m bench.trainer [--only cache,epochs,rss,sweep,floor]
+    python -m bench.trainer --quick --output /tmp/B.md   # seconds; what `make test` runs once
 
-Both variants train the tiny SD model on the same generated dataset with the same config and
-seed; they differ only in `cache_latents`:
+Every workload trains the tiny SD model (`python -m trainer tiny-model`) on generated images
+(256 px unless said otherwise, resized to `resolution` 64, center_crop, random_flip, batch 4,
+seed 0, fp32, no checkpoints or validation). Each run is its own subprocess, so its peak memory
+is its own; runs of the variants alternate and each variant is reported by its best run (on a
+shared machine another process's burst slows a run, never speeds it up).
 
-* ``cached``: the trainer as shipped (``cache_latents`` unset). With ``center_crop`` every crop
-  is fixed, so it encodes each image's VAE posterior and each caption once, up front, and only
-  samples the cached posterior on every step.
-* ``plain``: ``cache_latents=false``, the script's way: the VAE and the text encoder run on
-  every step.
+* ``cache``: 2,000 images, 20 steps. ``default`` (the cache as shipped: as you go, since the run
+  reads 80 of 2,000 images) against ``plain`` (``cache_latents=false``). Wall time of `train()`.
+* ``epochs``: 64 images, 10 epochs (160 steps). The cache chooses its up-front pass here;
+  steady-state steps/s (first 5 steps left out) and wall time against ``plain``.
+* ``rss``: peak RSS of a run over 10,000 images against one over 100, each with the cache filled
+  completely up front (both orientations of every image: the most a run can hold), with the
+  default RAM budget and with `cache_ram_mb=16` (the rest spills to disk).
+* ``sweep``: four jobs (learning rate x rank) over one 64-image dataset, each 1 epoch... as
+  shipped with one shared `cache_dir` against four private caches; counts what was encoded.
+* ``floor``: the trainer's steady step against the floor, the UNet forward and backward on
+  cached inputs plus the LoRA optimizer step (same process, same prepared models), fp32 and
+  bf16, on the tiny model (resolution 64, batch 4) and with ``--sd15-half`` on an SD-1.5-shaped
+  UNet at half width (128 px, batch 2; about 20 s a step on 2 CPU cores, so not by default).
 
-Each run is its own subprocess, so its peak memory is its own. The child reports steady-state
-steps/s (first ``--warmup`` steps skipped), wall time of ``train()`` (model load, cache,
-training, saving) and peak memory as one JSON line. The variants run in turn, ``--repeats``
-times (cached, plain, cached, plain, ...), and each is reported by its best run: on a shared
-2-core machine another process's burst slows a run by several times, never speeds it up. The
-parent checks that every run's loss curve agrees with the first (the cache samples the same
-distribution from the same random stream) and writes the results between
+Every variant's loss curve must agree with its reference (``plain``, or the first run) to 1e-4:
+the cache samples the same posterior from the same random stream. Results go between
 ``<!-- bench:trainer -->`` markers in BENCHMARKS.md, leaving the rest of the file as it is.
 """
 
@@ -29,6 +37,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,81 +49,397 @@ SECTION = "trainer"
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 COMMAND = "make bench"
 LOSS_TOLERANCE = 1e-4
-# (name, cache_latents option, what it is)
-VARIANTS = [
-    ("cached", None, "trainer as shipped: latent and text-embedding cache (cache_latents unset)"),
-    ("plain", False, "script's loop: VAE and text encoder on every step (cache_latents=false)"),
-]
+SCENARIOS = ("cache", "epochs", "rss", "sweep", "floor")
+
+FULL = {
+    "cache": {"images": 2000, "steps": 20},
+    "epochs": {"images": 64, "epochs": 10},
+    "rss": {"small": 100, "large": 10_000, "steps": 5},
+    "sweep": {"images": 64, "steps": 32},
+    "floor": {"steps": 40, "floor_steps": 20, "warmup": 5},
+    "repeats": 3, "image_size": 256, "resolution": 64, "batch": 4,
+}
+QUICK = {
+    "cache": {"images": 24, "steps": 4},
+    "epochs": {"images": 8, "epochs": 3},
+    "rss": {"small": 8, "large": 24, "steps": 2},
+    "sweep": {"images": 8, "steps": 4},
+    "floor": {"steps": 6, "floor_steps": 3, "warmup": 2},
+    "repeats": 1, "image_size": 64, "resolution": 32, "batch": 2,
+}
 
 
 # --------------------------------------------------------------------------------------------
-# One variant, in a child process
+# One run, in a child process (or inline in quick mode)
 
 
-def run_variant(spec: dict) -> dict:
-    """Train once as `spec` says and measure it; returns the JSON-ready result."""
-    import torch
+def peak_rss_mib() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
+
+def run_train(spec: dict) -> dict:
+    """Train once as `spec` says; wall time, steady steps/s, peak RSS, losses, cache figures."""
     from trainer.config import load_config
     from trainer.loop import train
 
     config = load_config(spec["config"])
     step_times: list[tuple[int, float]] = []
-    start_data: dict = {}
+    prepare: list[dict] = []
+    started = time.perf_counter()
 
     def on_event(event) -> None:
         if event.type == "step":
             step_times.append((event.step, time.perf_counter()))
-        elif event.type == "start":
-            start_data.update(event.data or {})
+        elif event.type == "prepare":
+            prepare.append({**(event.data or {}), "t": time.perf_counter() - started})
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
     result = train(config, on_event)
     wall_s = time.perf_counter() - started
-
-    device = start_data.get("device", "cpu")
-    warmup = min(spec["warmup"], len(step_times) - 2)
+    warmup = max(0, min(spec.get("warmup", 5), len(step_times) - 2))
     (first_step, first_t), (last_step, last_t) = step_times[warmup], step_times[-1]
-    steps_per_s = (last_step - first_step) / (last_t - first_t)
-    if device.startswith("cuda"):
-        peak_mib, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
-    else:
-        # ru_maxrss is in KiB on Linux (bytes on macOS).
-        scale = 1 if sys.platform == "darwin" else 1024
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-        peak_kind = "process max RSS"
+    deltas = [b[1] - a[1] for a, b in zip(step_times[warmup:], step_times[warmup + 1:])]
     return {
-        "variant": spec["variant"],
-        "cached": start_data.get("cached"),
-        "device": device,
-        "steps": result.global_step,
-        "measured_steps": last_step - first_step,
-        "steps_per_s": steps_per_s,
-        "images_per_s": steps_per_s * start_data.get("total_batch_size", config.train_batch_size),
-        "wall_s": wall_s,
-        "peak_mib": peak_mib,
-        "peak_kind": peak_kind,
-        "final_loss": result.losses[-1],
-        "losses": result.losses,
+        "wall_s": wall_s, "steps": result.global_step,
+        "steps_per_s": (last_step - first_step) / (last_t - first_t) if last_t > first_t else 0.0,
+        "median_step_s": statistics.median(deltas) if deltas else None,
+        "peak_mib": peak_rss_mib(), "losses": result.losses, "final_loss": result.losses[-1],
+        "prepare": prepare[0] if prepare else None, "prepare_end": prepare[-1] if prepare else None,
+        "first_step_s": step_times[0][1] - started if step_times else None,
     }
 
 
-def spawn_variant(spec: dict) -> dict:
-    """Run one variant in a fresh interpreter and return the JSON line it prints last."""
+def run_floor(spec: dict) -> dict:
+    """The trainer's step and its floor, paired: after each step event of a fully cached run, one
+    floor step on the same prepared models, timed apart from the trainer's. The floor is the
+    UNet's forward and backward on one batch of cached inputs plus the LoRA optimizer step (with
+    zero_grad), nothing else. Pairing keeps both under the same load on a shared machine."""
+    import torch
+
+    from trainer import data
+    from trainer.config import load_config
+    from trainer.loop import _train_in, draw_inputs, setup
+
+    config = load_config(spec["config"])
+    with data.dataset_folder(config.train_data_dir) as folder:
+        run = setup(config, folder)
+        batch = next(iter(run.dataloader))
+        with torch.no_grad():
+            latents, noise, timesteps, conditioning = draw_inputs(run, batch)
+        scheduler, optimizer = run.components.noise_scheduler, getattr(run.optimizer, "optimizer", run.optimizer)
+        device = latents.device
+
+        def floor_step() -> float:
+            begin = time.perf_counter()
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            prediction = run.family.predict(run.unet, noisy, timesteps, conditioning)
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - begin
+
+        floor_step()  # warm
+        trainer_s, floor_s = [], []
+        last = [None]
+
+        def on_event(event) -> None:
+            if event.type != "step":
+                return
+            now = time.perf_counter()
+            if last[0] is not None:
+                trainer_s.append(now - last[0])
+                floor_s.append(floor_step())
+            last[0] = time.perf_counter()
+
+        _train_in(run, on_event)
+    warmup = spec["warmup"]
+    trainer_s, floor_s = trainer_s[warmup:], floor_s[warmup:]
+    ratios = [t / f for t, f in zip(trainer_s, floor_s)]
+    return {"floor_s": statistics.median(floor_s), "trainer_s": statistics.median(trainer_s),
+            "ratio": statistics.median(ratios), "peak_mib": peak_rss_mib()}
+
+
+def execute(spec: dict, inline: bool) -> dict:
+    """Run one spec in a fresh interpreter (or here, in quick mode) and return its result."""
+    if inline:
+        return (run_floor if spec["kind"] == "floor" else run_train)(spec)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.trainer", "--child", json.dumps(spec)],
         capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
     )
     if proc.returncode != 0:  # the library chatter on stderr is shown only when it failed
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench: variant {spec['variant']} failed (exit {proc.returncode})")
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise SystemExit(f"bench: {spec['name']} failed (exit {proc.returncode})")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    raise SystemExit(f"bench: variant {spec['variant']} printed no result")
+    raise SystemExit(f"bench: {spec['name']} printed no result")
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+def make_dataset(folder: Path, count: int, size: int) -> Path:
+    """`count` images: the generator's distinct ones (captions repeat past 168 anyway), copied
+    under new names past 200, which keeps a 10,000-image set quick to write."""
+    from trainer.sample_data import write_sample_dataset
+
+    write_sample_dataset(folder, n_images=min(count, 200), size=size)
+    for i in range(200, count):
+        source = folder / f"{i % 200:04d}"
+        shutil.copyfile(source.with_suffix(".png"), folder / f"{i:05d}.png")
+        shutil.copyfile(source.with_suffix(".txt"), folder / f"{i:05d}.txt")
+    return folder
+
+
+def write_sd15_half(folder: Path) -> Path:
+    """The tiny pipeline with an SD-1.5-shaped UNet at half width (160-320-640-640, 2 layers a
+    block, cross-attention 768) and a one-layer 768-wide text encoder, random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.tiny import write_tiny_model
+
+    write_tiny_model(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        UNet2DConditionModel(sample_size=16, block_out_channels=(160, 320, 640, 640), layers_per_block=2,
+                             cross_attention_dim=768, attention_head_dim=8).save_pretrained(folder / "unet")
+        tiny = json.loads((folder / "text_encoder" / "config.json").read_text())
+        CLIPTextModel(CLIPTextConfig(
+            vocab_size=tiny["vocab_size"], hidden_size=768, intermediate_size=1024, num_hidden_layers=1,
+            num_attention_heads=12, max_position_embeddings=77, bos_token_id=tiny["bos_token_id"],
+            eos_token_id=tiny["eos_token_id"], pad_token_id=tiny.get("pad_token_id"),
+        )).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path):
+        self.args = args
+        self.sizes = QUICK if args.quick else FULL
+        self.tmp = tmp
+        self.inline = args.quick
+        self.model: Path | None = None
+        self.datasets: dict[int, Path] = {}
+        self.counter = 0
+
+    def tiny_model(self) -> Path:
+        if self.model is None:
+            from trainer.tiny import write_tiny_model
+            self.model = write_tiny_model(self.tmp / "tiny-sd")
+        return self.model
+
+    def dataset(self, count: int) -> Path:
+        if count not in self.datasets:
+            self.datasets[count] = make_dataset(self.tmp / f"data-{count}", count, self.sizes["image_size"])
+        return self.datasets[count]
+
+    def config(self, images: int, **options) -> dict:
+        self.counter += 1
+        s = self.sizes
+        return {"pretrained_model_name_or_path": str(self.tiny_model()), "train_data_dir": str(self.dataset(images)),
+                "resolution": s["resolution"], "center_crop": True, "random_flip": True,
+                "train_batch_size": s["batch"], "seed": 0, "device": self.args.device,
+                "checkpointing_steps": 10**9, "output_dir": str(self.tmp / "runs" / str(self.counter)), **options}
+
+    def train(self, name: str, config: dict, warmup: int = 5) -> dict:
+        result = execute({"kind": "train", "name": name, "config": config, "warmup": warmup}, self.inline)
+        print(f"bench: {name}: wall {result['wall_s']:.2f}s, {result['steps_per_s']:.2f} steps/s, "
+              f"peak {result['peak_mib']:.0f} MiB, final loss {result['final_loss']:.6f}", file=sys.stderr, flush=True)
+        return result
+
+    def alternate(self, variants: dict[str, dict], warmup: int = 5) -> dict[str, list[dict]]:
+        runs = {name: [] for name in variants}
+        for repeat in range(self.sizes["repeats"]):
+            for name, options in variants.items():
+                runs[name].append(self.train(f"{name} {repeat + 1}", self.config(**options), warmup))
+        return runs
+
+
+def best(runs: list[dict], key: str = "wall_s", high: bool = False) -> dict:
+    return (max if high else min)(runs, key=lambda r: r[key])
+
+
+def max_loss_diff(reference: list[float], runs: list[dict]) -> float:
+    diff = 0.0
+    for run in runs:
+        if len(run["losses"]) != len(reference):
+            return float("inf")
+        diff = max([diff, *(abs(a - b) for a, b in zip(run["losses"], reference))])
+    return diff
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios: each returns (markdown lines, figures for the caller, losses agree)
+
+
+def scenario_cache(bench: Bench) -> tuple[list[str], dict, bool]:
+    s = bench.sizes["cache"]
+    runs = bench.alternate({"default": {"images": s["images"], "max_train_steps": s["steps"]},
+                            "plain": {"images": s["images"], "max_train_steps": s["steps"], "cache_latents": False}})
+    d, p = best(runs["default"]), best(runs["plain"])
+    diff = max_loss_diff(runs["plain"][0]["losses"], runs["default"] + runs["plain"])
+    ratio = d["wall_s"] / p["wall_s"]
+    lines = [
+        f"### Cache as you go: {s['images']} images, {s['steps']} steps",
+        "",
+        "| variant | wall time, s (best) | range, s | first step at, s | cache plan | peak RSS, MiB | final loss |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for name, r, rs in (("default (cache as shipped)", d, runs["default"]), ("plain (cache_latents=false)", p, runs["plain"])):
+        plan = r["prepare"]
+        plan_text = f"{plan['mode']}, {plan['done']}/{plan['total']} cached at start" if plan else "off"
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {min(x['wall_s'] for x in rs):.2f}-{max(x['wall_s'] for x in rs):.2f} | "
+                     f"{r['first_step_s']:.2f} | {plan_text} | {r['peak_mib']:.0f} | {r['final_loss']:.6f} |")
+    lines += ["", f"**default / plain wall time: {ratio:.3f}x** (target at most 1.05x); "
+              f"max |loss difference| {diff:.1e}."]
+    return lines, {"cache_ratio": ratio}, diff <= LOSS_TOLERANCE
+
+
+def scenario_epochs(bench: Bench) -> tuple[list[str], dict, bool]:
+    s = bench.sizes["epochs"]
+    common = {"images": s["images"], "num_train_epochs": s["epochs"]}
+    runs = bench.alternate({"default": common, "plain": {**common, "cache_latents": False}},
+                           warmup=bench.sizes["floor"]["warmup"])
+    d, p = best(runs["default"], "steps_per_s", high=True), best(runs["plain"], "steps_per_s", high=True)
+    dw, pw = best(runs["default"]), best(runs["plain"])
+    diff = max_loss_diff(runs["plain"][0]["losses"], runs["default"] + runs["plain"])
+    plan = d["prepare_end"] or {}
+    lines = [
+        f"### Many epochs of a small dataset: {s['images']} images, {s['epochs']} epochs ({d['steps']} steps)",
+        "",
+        "| variant | steps/s (best) | wall time, s (best) | cache plan | final loss |",
+        "| --- | ---: | ---: | --- | ---: |",
+        f"| default (cache as shipped) | {d['steps_per_s']:.2f} | {dw['wall_s']:.2f} | "
+        f"{plan.get('mode', 'off')}, {plan.get('total', 0)} entries encoded before step 1 | {d['final_loss']:.6f} |",
+        f"| plain | {p['steps_per_s']:.2f} | {pw['wall_s']:.2f} | off | {p['final_loss']:.6f} |",
+        "",
+        f"**default / plain: {d['steps_per_s'] / p['steps_per_s']:.2f}x steps/s** (steady state), "
+        f"{pw['wall_s'] / dw['wall_s']:.2f}x faster wall time; max |loss difference| {diff:.1e}.",
+    ]
+    return lines, {"epochs_speedup": d["steps_per_s"] / p["steps_per_s"]}, diff <= LOSS_TOLERANCE
+
+
+def scenario_rss(bench: Bench) -> tuple[list[str], dict, bool]:
+    s = bench.sizes["rss"]
+    rows, figures = [], {}
+    common = {"max_train_steps": s["steps"], "cache_upfront": True}
+    results = {}
+    for images in (s["small"], s["large"]):
+        for budget in (None, 16):
+            options = {**common, **({"cache_ram_mb": budget} if budget is not None else {})}
+            label = f"{images} images, {'cache_ram_mb=16' if budget else 'default RAM budget'}"
+            results[(images, budget)] = best([bench.train(f"rss {label} {i + 1}", bench.config(images, **options))
+                                             for i in range(1 if bench.args.quick else 1)], "peak_mib")
+            r = results[(images, budget)]
+            rows.append(f"| {label} | {r['peak_mib']:.0f} | {r['prepare_end']['total']} | "
+                        f"{r['prepare_end']['t']:.1f} | {r['wall_s']:.1f} |")
+    growth = {budget: results[(s["large"], budget)]["peak_mib"] - results[(s["small"], budget)]["peak_mib"]
+              for budget in (None, 16)}
+    lines = [
+        f"### Memory: {s['large']:,} images against {s['small']}, every entry cached",
+        "",
+        "Each run fills the cache completely before its first step (`cache_upfront`: both "
+        "orientations of every image and every caption), then trains "
+        f"{s['steps']} steps.",
+        "",
+        "| run | peak RSS, MiB | entries | cache filled at, s | wall time, s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"**Peak RSS growth from {s['small']} to {s['large']:,} images: {growth[None]:.0f} MiB with the default "
+        f"budget, {growth[16]:.0f} MiB with cache_ram_mb=16** (target: within 300 MB).",
+    ]
+    figures["rss_growth_mib"] = growth[None]
+    figures["rss_growth_spill_mib"] = growth[16]
+    return lines, figures, True
+
+
+def scenario_sweep(bench: Bench) -> tuple[list[str], dict, bool]:
+    s = bench.sizes["sweep"]
+    grid = [(1e-4, 4), (1e-4, 8), (5e-4, 4), (5e-4, 8)]
+    totals, encoded, agree = {}, {}, True
+    for mode in ("shared", "private"):
+        root = bench.tmp / f"sweep-cache-{mode}"
+        wall, enc = 0.0, []
+        for lr, rank in grid:
+            options = {"images": s["images"], "max_train_steps": s["steps"], "learning_rate": lr, "rank": rank}
+            if mode == "shared":
+                options["cache_dir"] = str(root)
+            r = bench.train(f"sweep {mode} lr={lr} rank={rank}", bench.config(**options))
+            wall += r["wall_s"]
+            plan = r["prepare"] or {}
+            enc.append(plan.get("total", 0) - plan.get("done", 0))
+        totals[mode], encoded[mode] = wall, enc
+    segments = sorted((bench.tmp / "sweep-cache-shared").glob("v1/*/seg-*"))
+    entries = sum(len(json.loads((seg / "index.json").read_text())["entries"].get("latent", {})) for seg in segments)
+    lines = [
+        f"### A 2x2 sweep over one dataset: {s['images']} images, 4 jobs of {s['steps']} steps",
+        "",
+        "| caches | total wall time of the 4 jobs, s | entries each job found missing at its start |",
+        "| --- | ---: | --- |",
+        f"| one shared `cache_dir` (as the worker runs them) | {totals['shared']:.1f} | {', '.join(map(str, encoded['shared']))} |",
+        f"| a private cache per job | {totals['private']:.1f} | {', '.join(map(str, encoded['private']))} |",
+        "",
+        f"Shared: the published segments hold {entries} image entries (each (image, orientation) once, "
+        f"{len(segments)} segment(s)); jobs 2-4 encoded only what job 1 had not drawn.",
+    ]
+    return lines, {"sweep_entries": entries, "sweep_missing": encoded["shared"]}, agree
+
+
+def scenario_floor(bench: Bench) -> tuple[list[str], dict, bool]:
+    s, sizes = bench.sizes["floor"], bench.sizes
+    shapes = [("tiny", bench.tiny_model(), sizes["resolution"], sizes["batch"], s)]
+    if bench.args.sd15_half:
+        shapes.append(("SD-1.5 half width", write_sd15_half(bench.tmp / "sd15-half"), 128, 2,
+                       {"steps": 8, "floor_steps": 3, "warmup": 2}))
+    precisions = ("no",) if bench.args.quick else ("no", "bf16")
+    rows, figures = [], {}
+    for name, model, resolution, batch, steps in shapes:
+        for precision in precisions:
+            results = []
+            for repeat in range(1 if name != "tiny" else sizes["repeats"]):
+                config = bench.config(16, max_train_steps=steps["steps"], cache_upfront=True,
+                                      mixed_precision=precision, pretrained_model_name_or_path=str(model),
+                                      resolution=resolution, train_batch_size=batch)
+                results.append(execute({"kind": "floor", "name": f"floor {name} {precision}", "config": config,
+                                        "floor_steps": steps["floor_steps"], "warmup": steps["warmup"]}, bench.inline))
+                r = results[-1]
+                print(f"bench: floor {name} {precision} {repeat + 1}: trainer {r['trainer_s'] * 1000:.1f} ms, "
+                      f"floor {r['floor_s'] * 1000:.1f} ms, paired ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
+            ratios = [r["ratio"] for r in results]
+            r = min(results, key=lambda r: r["ratio"])
+            label = "fp32" if precision == "no" else precision
+            figures[f"floor_{name}_{label}"] = r["ratio"]
+            rows.append(f"| {name}, {resolution} px, batch {batch} | {label} | {r['trainer_s'] * 1000:.1f} | "
+                        f"{r['floor_s'] * 1000:.1f} | **{r['ratio']:.2f}x** | "
+                        f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    lines = [
+        "### The trainer's step against its floor",
+        "",
+        "Floor: the UNet's forward and backward on one batch of cached inputs plus the LoRA optimizer "
+        "step. Trainer: the time from one step event to the next of a fully cached run "
+        "(`cache_upfront`): data loading, sampling the posterior, noise, loss, clipping, the "
+        "scheduler and the step event included. The two are paired: after each step event one floor "
+        "step runs on the same prepared models (timed apart), so both see the same load on a shared "
+        "machine; trainer / floor is the median of the paired ratios, warm-up left out, best of the "
+        "repeats (range over them).",
+        "",
+        "| shape | precision | trainer step, ms | floor, ms | trainer / floor | range |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+    if not bench.args.sd15_half:
+        lines += ["", "The SD-1.5 half-width shape runs with `python -m bench.trainer --only floor --sd15-half` "
+                  "(about 20 s a step on 2 CPU cores)."]
+    return lines, figures, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,76 +455,11 @@ def machine_description(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    parts = [f"{os.cpu_count()} CPU cores ({cpu})", f"torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads)", f"device {device}"]
-    if device.startswith("cuda"):
+    parts = [f"{os.cpu_count()} CPU cores ({cpu})", f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+             f"device {device}"]
+    if device == "cuda" and torch.cuda.is_available():
         parts[-1] += f" ({torch.cuda.get_device_name()})"
     return ", ".join(parts)
-
-
-def summarize(runs: list[dict]) -> dict:
-    """A variant's best run (highest steps/s), with the spread over its runs."""
-    best = max(runs, key=lambda r: r["steps_per_s"])
-    return {**best, "slowest_steps_per_s": min(r["steps_per_s"] for r in runs),
-            "best_wall_s": min(r["wall_s"] for r in runs), "peak_mib": max(r["peak_mib"] for r in runs)}
-
-
-def loss_agreement(runs: dict[str, list[dict]]) -> tuple[float, bool]:
-    """Largest per-step loss difference of any run from the first cached run."""
-    reference = runs["cached"][0]["losses"]
-    max_diff, same_length = 0.0, True
-    for run in (r for variant in runs.values() for r in variant):
-        same_length &= len(run["losses"]) == len(reference)
-        max_diff = max([max_diff, *(abs(a - b) for a, b in zip(run["losses"], reference))])
-    return max_diff, same_length and max_diff <= LOSS_TOLERANCE
-
-
-def render_section(args: argparse.Namespace, runs: dict[str, list[dict]], command: str) -> tuple[str, bool, float]:
-    best = {name: summarize(variant_runs) for name, variant_runs in runs.items()}
-    cached, plain = best["cached"], best["plain"]
-    max_diff, agree = loss_agreement(runs)
-    final_diff = abs(cached["final_loss"] - plain["final_loss"])
-    device = cached["device"]
-    n = args.repeats
-
-    lines = [
-        "## Trainer: latent cache vs. the script's plain loop",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine_description(device)}",
-        f"- Workload: tiny SD model (`python -m trainer tiny-model`), {args.images} generated "
-        f"{args.resolution}x{args.resolution} images, resolution {args.resolution}, center_crop, "
-        f"train_batch_size {args.batch_size}, {args.steps} steps, seed 0, fp32, no checkpoints "
-        f"or validation.",
-        f"- Each run in its own process; the variants ran in turn, {n} time{'s' if n > 1 else ''} "
-        f"each, and the best run is shown (the range is over all {n}). steps/s and images/s are "
-        f"steady state: steps {args.warmup + 1}..{args.steps} (the first {args.warmup} are "
-        f"warm-up). Wall time is the whole `train()` call (model load, latent cache when on, "
-        f"training, saving the LoRA), best of {n}. Peak memory is the {cached['peak_kind']}.",
-        "",
-        "| variant | latent cache | steps/s | steps/s range | images/s | peak memory, MiB | wall time, s | final loss |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, _, what in VARIANTS:
-        r = best[name]
-        lines.append(
-            f"| **{name}**: {what} | {'on' if r['cached'] else 'off'} | {r['steps_per_s']:.2f} | "
-            f"{r['slowest_steps_per_s']:.2f}-{r['steps_per_s']:.2f} | {r['images_per_s']:.1f} | "
-            f"{r['peak_mib']:.0f} | {r['best_wall_s']:.1f} | {r['final_loss']:.6f} |"
-        )
-    lines.append(
-        f"| **cached / plain** | | **{cached['steps_per_s'] / plain['steps_per_s']:.2f}x** | | "
-        f"{cached['images_per_s'] / plain['images_per_s']:.2f}x | "
-        f"{cached['peak_mib'] / plain['peak_mib']:.2f}x | {cached['best_wall_s'] / plain['best_wall_s']:.2f}x | "
-        f"{'agree' if agree else 'DISAGREE'} (Δ {final_diff:.1e}) |"
-    )
-    lines += [
-        "",
-        f"Loss curves {'agree' if agree else 'DISAGREE'}: max |loss difference| over all "
-        f"{args.steps} steps of all {2 * n} runs = {max_diff:.2e} (tolerance {LOSS_TOLERANCE:.0e}).",
-    ]
-    return "\n".join(lines), agree, max_diff
 
 
 def replace_section(path: Path, name: str, body: str) -> None:
@@ -217,67 +478,62 @@ def replace_section(path: Path, name: str, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-# --------------------------------------------------------------------------------------------
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.trainer", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
-    parser.add_argument("--resolution", type=int, default=64, help="image and training resolution (default 64)")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, runs inline (for make test)")
+    parser.add_argument("--sd15-half", action="store_true", help="also time the floor on the SD-1.5 half-width shape")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, best reported (default 3)")
-    parser.add_argument("--images", type=int, default=16, help="dataset size (default 16)")
-    parser.add_argument("--batch-size", type=int, default=4, help="train_batch_size (default 4)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of steps/s (default 5)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="default BENCHMARKS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one run's spec as JSON
     args = parser.parse_args(argv)
-    if args.steps < args.warmup + 2:
-        parser.error(f"--steps must be at least --warmup + 2 ({args.warmup + 2})")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--only: unknown scenario(s) {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(run_variant(json.loads(args.child))), flush=True)
+        spec = json.loads(args.child)
+        print(json.dumps((run_floor if spec["kind"] == "floor" else run_train)(spec)), flush=True)
         return 0
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from trainer.sample_data import write_sample_dataset
-    from trainer.tiny import write_tiny_model
-
     given = sys.argv[1:] if argv is None else argv
     command = COMMAND if not given else "python -m bench.trainer " + " ".join(given)
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in VARIANTS}
+    sections, figures, agree = [], {}, True
+    functions = {"cache": scenario_cache, "epochs": scenario_epochs, "rss": scenario_rss,
+                 "sweep": scenario_sweep, "floor": scenario_floor}
     with tempfile.TemporaryDirectory(prefix="loraq-bench-") as tmp:
-        model = write_tiny_model(Path(tmp, "tiny-sd"))
-        dataset = write_sample_dataset(Path(tmp, "data"), n_images=args.images, size=args.resolution)
-        for repeat in range(1, args.repeats + 1):
-            for name, cache_latents, _ in VARIANTS:
-                config = {
-                    "pretrained_model_name_or_path": str(model), "train_data_dir": str(dataset),
-                    "resolution": args.resolution, "center_crop": True,
-                    "train_batch_size": args.batch_size, "max_train_steps": args.steps, "seed": 0,
-                    "device": args.device, "checkpointing_steps": 10**9,
-                    "output_dir": str(Path(tmp, "runs", f"{name}-{repeat}")),
-                }
-                if cache_latents is not None:
-                    config["cache_latents"] = cache_latents
-                r = spawn_variant({"variant": name, "config": config, "warmup": args.warmup})
-                runs[name].append(r)
-                print(f"bench: {name} {repeat}/{args.repeats}: {r['steps_per_s']:.2f} steps/s, "
-                      f"{r['images_per_s']:.1f} images/s, peak {r['peak_mib']:.0f} MiB, "
-                      f"wall {r['wall_s']:.1f}s, final loss {r['final_loss']:.6f}", file=sys.stderr, flush=True)
-
-    section, agree, max_diff = render_section(args, runs, command)
-    replace_section(args.output, SECTION, section)
-    print(section)
-    print(f"\nbench: max abs loss difference {max_diff:.2e}; wrote {args.output} "
-          f"({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+        bench = Bench(args, Path(tmp))
+        for name in args.scenarios:
+            lines, found, ok = functions[name](bench)
+            sections += lines + [""]
+            figures.update(found)
+            agree &= ok
+    sizes = QUICK if args.quick else FULL
+    header = [
+        "## Trainer: the latent cache, memory, a shared sweep, and the step against its floor",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Machine: {machine_description(args.device)}",
+        f"- Workload: tiny SD model, generated {sizes['image_size']} px images, resolution {sizes['resolution']}, "
+        f"center_crop, random_flip, batch {sizes['batch']}, seed 0, fp32 unless said, no checkpoints or "
+        f"validation; each run in its own process{' (quick mode: inline)' if args.quick else ''}, variants "
+        f"alternating, best of {sizes['repeats']} shown.",
+        f"- Loss curves {'agree' if agree else 'DISAGREE'} with the uncached runs (tolerance {LOSS_TOLERANCE:.0e}).",
+        "",
+    ]
+    body = "\n".join(header + sections)
+    replace_section(args.output, SECTION, body)
+    print(body)
+    print(f"\nbench: wrote {args.output} ({time.perf_counter() - started:.0f}s); figures {json.dumps(figures)}",
+          file=sys.stderr)
     if not agree:
         print(f"bench: the loss curves differ by more than {LOSS_TOLERANCE:.0e}", file=sys.stderr)
         return 1

@@ -242,16 +242,22 @@ def optimize(run: Run, latents, noise, timesteps, conditioning: Conditioning) ->
     model_pred = run.family.predict(run.unet, noisy_latents, timesteps, conditioning)
     loss = diffusion_loss(model_pred, target, scheduler, timesteps, run.config.snr_gamma)
 
-    # Every process's mean loss, for logging.
-    avg_loss = run.accelerator.gather(loss.repeat(latents.shape[0])).mean().item()
+    # Every process's mean loss, for logging (one process: no collective to go through).
+    losses = loss.detach().repeat(latents.shape[0])
+    avg_loss = (run.accelerator.gather(losses) if run.accelerator.num_processes > 1 else losses).mean()
     run.accelerator.backward(loss)
     grad_norm = None
     if run.accelerator.sync_gradients:
-        grad_norm = float(run.accelerator.clip_grad_norm_(run.lora_parameters, run.config.max_grad_norm))
+        grad_norm = run.accelerator.clip_grad_norm_(run.lora_parameters, run.config.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad()
-    return avg_loss, grad_norm
+    # The step's one wait for the device: loss and norm come back in a single copy, after the
+    # whole step is queued (each .item() on CUDA is a synchronisation).
+    if not isinstance(grad_norm, torch.Tensor):
+        return avg_loss.item(), None if grad_norm is None else float(grad_norm)
+    loss_value, norm_value = torch.stack([avg_loss.float(), grad_norm.detach().float().to(avg_loss.device)]).tolist()
+    return loss_value, norm_value
 
 
 def _train(config: CommonConfig, on_event: EventSink) -> TrainResult:
