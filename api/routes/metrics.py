@@ -21,7 +21,8 @@ log = logging.getLogger("loraq.api.metrics")
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", response_class=Response, responses={
+    200: {"description": "Prometheus' text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(request: Request) -> Response:
     """The service's metrics in Prometheus' text format (jobs by state, queue depth, steps/s of
     running jobs, workers, job durations and queue waits, upload bytes)."""
