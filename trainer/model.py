@@ -7,6 +7,7 @@ names, so the diffusers file, the kohya file and the checkpoints work the same f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,11 +69,14 @@ def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn
     return path
 
 
-def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
+def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str, torch.nn.Module],
+                    rename: dict[str, Callable[[str], str]] | None = None) -> Path:
     """Write the same LoRA in kohya's key format, which AUTOMATIC1111 and ComfyUI load: `lora_unet_`,
-    `lora_te1_` (text_encoder) and `lora_te2_` (text_encoder_2) keys with an `.alpha` each."""
-    prefixed = {f"{name}.{key}": value for name, state in lora_state_dicts(models).items()
-                for key, value in state.items()}
+    `lora_te1_` (text_encoder) and `lora_te2_` (text_encoder_2) keys with an `.alpha` each.
+    `rename` maps a model's adapter keys first (SDXL's UNet: to the original block names)."""
+    rename = rename or {}
+    prefixed = {f"{name}.{rename.get(name, _text_model_key if name != 'unet' else str)(key)}": value
+                for name, state in lora_state_dicts(models).items() for key, value in state.items()}
     kohya = convert_state_dict_to_kohya(prefixed)
     # diffusers writes alpha = rank; the adapter's real alpha keeps the file's scale right.
     for key in kohya:
@@ -83,6 +87,12 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str,
         save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(partial),
                   metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
     return path
+
+
+def _text_model_key(key: str) -> str:
+    """transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); kohya's names, which
+    AUTOMATIC1111 and ComfyUI look up, keep it: `lora_te1_text_model_encoder_layers_0_...`."""
+    return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
 
 
 def save_adapter_state(directory: Path, name: str, model) -> None:
@@ -99,3 +109,43 @@ def load_adapter_state(directory: Path, name: str, model) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"checkpoint {directory}: unexpected adapter keys {unexpected[:3]}")
+
+
+# --------------------------------------------------------------------------------------------
+# The original (CompVis / Stability) UNet naming
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_key_to_original(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
+    """A diffusers UNet key (a parameter, or an adapter's) in the original UNet's naming
+    (input/middle/output blocks), as single-file checkpoints and kohya's SDXL LoRAs use it.
+    `up_attentions`: the indices of the up blocks with attention (their upsampler moves one on)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    plain = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    if key in plain:
+        return plain[key]
+    parts = key.split(".")
+    per_level = layers_per_block + 1
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "resnets":
+            return f"middle_block.{0 if index == 0 else 2}.{resnet(rest)}"
+        return f"middle_block.1.{'.'.join(rest)}"
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # conv -> op
+            return f"input_blocks.{(block + 1) * per_level}.0.op.{'.'.join(rest[1:])}"
+        number = 1 + block * per_level + index
+        return f"input_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{number}.1.{'.'.join(rest)}"
+    if kind == "upsamplers":
+        position = 2 if block in up_attentions else 1
+        return f"output_blocks.{block * per_level + layers_per_block}.{position}.{'.'.join(rest)}"
+    number = block * per_level + index
+    return f"output_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{number}.1.{'.'.join(rest)}"

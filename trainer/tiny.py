@@ -191,42 +191,9 @@ def write_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", seed:
 # --------------------------------------------------------------------------------------------
 # Single-file checkpoints (the original CompVis / Stability layout), for the single-file tests
 
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _OPENCLIP_LAYER_TO_LDM = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
                           "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-
-
-def _unet_key_to_ldm(key: str, layers_per_block: int, up_attentions: set[int]) -> str:
-    """A diffusers UNet key in the original UNet's naming (input/middle/output blocks)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    plain = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
-    if key in plain:
-        return plain[key]
-    parts = key.split(".")
-    per_level = layers_per_block + 1
-
-    def resnet(rest: list[str]) -> str:
-        return ".".join([_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]])
-
-    if parts[0] == "mid_block":
-        kind, index, rest = parts[1], int(parts[2]), parts[3:]
-        if kind == "resnets":
-            return f"middle_block.{0 if index == 0 else 2}.{resnet(rest)}"
-        return f"middle_block.1.{'.'.join(rest)}"
-    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-    if parts[0] == "down_blocks":
-        if kind == "downsamplers":  # conv -> op
-            return f"input_blocks.{(block + 1) * per_level}.0.op.{'.'.join(rest[1:])}"
-        number = 1 + block * per_level + index
-        return f"input_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{number}.1.{'.'.join(rest)}"
-    if kind == "upsamplers":
-        position = 2 if block in up_attentions else 1
-        return f"output_blocks.{block * per_level + layers_per_block}.{position}.{'.'.join(rest)}"
-    number = block * per_level + index
-    return f"output_blocks.{number}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{number}.1.{'.'.join(rest)}"
 
 
 def _vae_key_to_ldm(key: str, value: torch.Tensor, up_blocks: int) -> tuple[str, torch.Tensor]:
@@ -302,11 +269,13 @@ def write_single_file(pipeline_dir: str | Path, out_file: str | Path) -> Path:
     from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
+    from trainer.model import unet_key_to_original
+
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
     unet_config = pipe.unet.config
     up_attentions = {i for i, kind in enumerate(unet_config.up_block_types) if "CrossAttn" in kind}
     checkpoint = {
-        "model.diffusion_model." + _unet_key_to_ldm(k, unet_config.layers_per_block, up_attentions): v
+        "model.diffusion_model." + unet_key_to_original(k, unet_config.layers_per_block, up_attentions): v
         for k, v in pipe.unet.state_dict().items()
     }
     for key, value in pipe.vae.state_dict().items():

@@ -190,6 +190,15 @@ def test_lora_loads_into_the_sdxl_pipeline_and_kohya_gives_the_same_image(tiny_s
     kohya = load_file(str(tmp_path / "lora_kohya.safetensors"))
     assert {key.split("_")[0] + "_" + key.split("_")[1] for key in kohya} == {"lora_unet", "lora_te1", "lora_te2"}
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
+    # sd-scripts' names: the original UNet's blocks (one layer a block here: down block 1's
+    # attention is input block 3), transformers' text encoder modules.
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_up.weight" in kohya
+    assert "lora_unet_output_blocks_0_1_transformer_blocks_1_attn1_to_out_0.alpha" in kohya
+    assert not any("down_blocks" in key or "up_blocks" in key for key in kohya)
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight" in kohya
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc1.lora_up.weight" not in kohya  # attention only
+    assert "lora_te1_text_model_encoder_layers_1_self_attn_out_proj.alpha" in kohya
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipeline.set_progress_bar_config(disable=True)

@@ -12,6 +12,7 @@ What differs from SD, as the script does it:
   weight dtype; a separate VAE (`pretrained_vae_model_name_or_path`, e.g. the fp16-fix one) runs
   in the weight dtype;
 - `train_text_encoder` puts LoRA on both text encoders;
+- the kohya-format file names UNet modules as the original SDXL UNet does (kohya's sd-scripts);
 - the training scheduler is a DDPMScheduler built from the pipeline's scheduler config.
 """
 
@@ -30,7 +31,7 @@ from trainer import data
 from trainer.config import SDXLConfig
 from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error, single_file_pipeline
-from trainer.model import ModelLoadError
+from trainer.model import ModelLoadError, save_kohya_lora, unet_key_to_original
 
 TOKEN_KEYS = ("input_ids_one", "input_ids_two")  # the script's batch keys
 
@@ -182,6 +183,16 @@ class SDXLFamily(Family):
         original, crop = batch["original_size"], batch["crop_top_left"]
         target = torch.tensor([resolution, resolution], device=original.device).expand(len(original), 2)
         return torch.cat([original, crop, target], dim=1).to(dtype=dtype)
+
+    def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]):
+        """kohya's SDXL LoRAs name UNet modules as the original UNet does (sd-scripts trains that
+        UNet): `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, not diffusers'
+        `lora_unet_down_blocks_1_attentions_0_...`; the text encoders keep transformers' names
+        (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj`), as sd-scripts' do."""
+        config = models["unet"].config
+        up_attentions = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+        return save_kohya_lora(output_dir, lora_alpha, models, rename={
+            "unet": lambda key: unet_key_to_original(key, config.layers_per_block, up_attentions)})
 
     def predict(self, unet, noisy_latents, timesteps, conditioning: Conditioning) -> torch.Tensor:
         added = {"time_ids": conditioning["time_ids"], "text_embeds": conditioning["pooled_prompt_embeds"]}
