@@ -366,3 +366,46 @@ def test_tokenize_pads_to_77(tiny_model):
     assert (ids[:, 0] == tokenizer.bos_token_id).all()
     assert (ids == tokenizer.eos_token_id).any(dim=1).all()
     assert not torch.equal(ids[0], ids[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The caching dataset and mixed batches
+
+
+def test_caching_dataset_draws_the_flip_where_the_transform_does(tiny_model, sample_data):
+    from trainer.data import CachingDataset, collate
+    from trainer.latent_cache import LATENT, TEXT, LatentCache, image_keys, latent_key, text_key
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer", local_files_only=True)
+    examples = scan_examples(sample_data)
+    transform = ImageTransform(32, center_crop=True, random_flip=True)
+    cache = LatentCache(ram_bytes=1 << 20)
+    keys = image_keys(sample_data, [e.path for e in examples])
+    texts = [text_key(e.caption) for e in examples]
+    dataset = CachingDataset(examples, transform, lambda captions: {"input_ids": tokenize(tokenizer, captions)},
+                             cache, keys, texts)
+
+    torch.manual_seed(7)
+    expected = transform(load_rgb(examples[0].path))  # draws the flip
+    after_transform = torch.get_rng_state()
+    torch.manual_seed(7)
+    item = dataset[0]
+    assert torch.equal(torch.get_rng_state(), after_transform), "the same draws as the uncached transform"
+    assert torch.equal(item["pixel_values"], expected) and "latent_params" not in item
+    assert torch.equal(item["input_ids"], tokenize(tokenizer, [examples[0].caption])[0])
+
+    # Cached: the same draw chooses the orientation, and no pixels or tokens are made.
+    flip = bool(item["flip"])
+    cache.put(LATENT, latent_key(keys[0], flip), {"params": torch.full((8, 4, 4), 3.0)})
+    cache.put(TEXT, texts[0], {"encoder_hidden_states": torch.ones(77, 32)})
+    torch.manual_seed(7)
+    cached = dataset[0]
+    assert torch.equal(torch.get_rng_state(), after_transform)
+    assert set(cached) == {"index", "flip", "latent_params", "encoder_hidden_states"}
+    assert bool(cached["flip"]) == flip and cached["latent_params"][0, 0, 0] == 3.0
+
+    # A batch of cached and uncached items: each key stacked over the items that have it.
+    batch = collate([cached, dataset[1], dataset[2]])
+    assert batch["latent_params"].shape == (1, 8, 4, 4) and batch["latent_params_rows"].tolist() == [0]
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values_rows"].tolist() == [1, 2]
+    assert batch["index"].tolist() == [0, 1, 2] and "index_rows" not in batch
