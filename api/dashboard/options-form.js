@@ -34,34 +34,35 @@ const HELP = {
   pretrained_vae_model_name_or_path: 'a separate VAE (a hub id in the server’s cache), e.g. the fp16-fix one',
 };
 
-/** The square size a family's presets train at: SDXL's native 1024, SD's 512, tiny demo models 32. */
-function fullSize(model, family) {
-  if (model.startsWith('tiny-')) return 32;
-  return family === 'sdxl' ? 1024 : 512;
+/** The square size presets train at: the family's own default resolution (its native size, e.g.
+ * SDXL's 1024, SD's 512), or 32 for the tiny demo models. */
+function fullSize(model, defaults) {
+  return model.startsWith('tiny-') ? 32 : defaults.resolution ?? 512;
 }
 
 // What the portrait, style and object presets share: the family's full size, an effective batch
-// of 4, Min-SNR, four validation images.
-const fullRun = (model, family) => ({resolution: fullSize(model, family), train_batch_size: 1,
+// of 4, Min-SNR, four validation images. A preset's values(model, defaults) take the model's name
+// and its family's option defaults.
+const fullRun = (model, defaults) => ({resolution: fullSize(model, defaults), train_batch_size: 1,
   gradient_accumulation_steps: 4, learning_rate: 1e-4, snr_gamma: 5, num_validation_images: 4,
   validation_inference_steps: 30});
 
 export const PRESETS = [
   {id: 'quick', label: 'Quick test', note: 'a few steps at low resolution: checks data and model end to end',
-    values: (model, family) => ({resolution: model.startsWith('tiny-') ? 32 : fullSize(model, family) / 2,
+    values: (model, defaults) => ({resolution: model.startsWith('tiny-') ? 32 : fullSize(model, defaults) / 2,
       train_batch_size: 1, max_train_steps: 50,
       lr_warmup_steps: 0, checkpointing_steps: 25, validation_prompt: 'a photo', validation_steps: 25,
       num_validation_images: 1, validation_inference_steps: 10, rank: 4})},
   {id: 'portrait', label: 'Portrait', note: 'a face or person: center crops, flips, gentle learning rate',
-    values: (model, family) => ({...fullRun(model, family), max_train_steps: 1500, lr_scheduler: 'cosine', lr_warmup_steps: 100, rank: 16,
+    values: (model, defaults) => ({...fullRun(model, defaults), max_train_steps: 1500, lr_scheduler: 'cosine', lr_warmup_steps: 100, rank: 16,
       center_crop: true, random_flip: true, checkpointing_steps: 250,
       validation_prompt: 'a portrait photo of sks person', validation_steps: 250})},
   {id: 'style', label: 'Style', note: 'an art style: more rank and steps, random crops',
-    values: (model, family) => ({...fullRun(model, family), max_train_steps: 3000, lr_scheduler: 'cosine', lr_warmup_steps: 200, rank: 32,
+    values: (model, defaults) => ({...fullRun(model, defaults), max_train_steps: 3000, lr_scheduler: 'cosine', lr_warmup_steps: 200, rank: 32,
       center_crop: false, random_flip: true, checkpointing_steps: 500,
       validation_prompt: 'a city street, sks style', validation_steps: 500})},
   {id: 'object', label: 'Object', note: 'a thing or product: center crops, no flips',
-    values: (model, family) => ({...fullRun(model, family), max_train_steps: 1000, lr_scheduler: 'constant_with_warmup', lr_warmup_steps: 100,
+    values: (model, defaults) => ({...fullRun(model, defaults), max_train_steps: 1000, lr_scheduler: 'constant_with_warmup', lr_warmup_steps: 100,
       rank: 8, center_crop: true, random_flip: false, checkpointing_steps: 250,
       validation_prompt: 'a photo of sks object on a table', validation_steps: 250})},
 ];
@@ -129,7 +130,7 @@ function field(name, spec) {
 
 /**
  * The options panel of one model family (the schema of /dashboard/options.json?family=...):
- * {family, element, fields: Map(name -> field), values(), apply(values), clearErrors()}
+ * {family, description, defaults, element, fields: Map(name -> field), values(), apply(values), clearErrors()}
  */
 export function optionsForm(schema) {
   const fields = new Map(Object.entries(schema.properties).map(([name, spec]) => [name, field(name, spec)]));
@@ -143,6 +144,8 @@ export function optionsForm(schema) {
   const element = h('div', {class: 'options', dataset: {family: schema.family ?? 'sd'}}, groups);
   return {
     family: schema.family ?? 'sd',
+    description: schema.description ?? '',
+    defaults: Object.fromEntries(Object.entries(schema.properties).map(([name, spec]) => [name, spec.default])),
     element,
     fields,
     values() {

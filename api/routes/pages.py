@@ -62,7 +62,7 @@ def training_options(family: str = "sd") -> dict:
     for name, default in SERVICE_DEFAULTS.items():
         if name in properties:
             properties[name] = {**properties[name], "default": default}
-    return {"family": family, "properties": properties,
+    return {"family": family, "description": schema.get("description", ""), "properties": properties,
             "required": [n for n in schema.get("required", []) if n in properties]}
 
 

@@ -218,6 +218,7 @@ def test_the_options_form_schema_is_per_family(client):
     unknown = client.get("/dashboard/options.json?family=flux")
 
     assert (sd["family"], sdxl["family"]) == ("sd", "sdxl")
+    assert "train_text_to_image_lora_sdxl.py" in sdxl["description"]  # the family config's own words
     assert "pretrained_vae_model_name_or_path" in sdxl["properties"]
     assert "pretrained_vae_model_name_or_path" not in sd["properties"]
     assert sdxl["properties"]["resolution"]["default"] == 1024 and sd["properties"]["resolution"]["default"] == 512

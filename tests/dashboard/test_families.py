@@ -29,7 +29,8 @@ def test_the_form_follows_the_family_and_submits_a_tiny_sdxl_job(service, browse
     assert "pretrained_vae_model_name_or_path" in seen["sdxl"]["options"]
     assert "pretrained_vae_model_name_or_path" not in seen["sd"]["options"]
     assert "family" not in seen["sd"]["options"] + seen["sdxl"]["options"]
-    assert seen["sd"]["note"].startswith("Family: sd.") and seen["sdxl"]["note"].startswith("Family: sdxl.")
+    assert seen["sd"]["note"].startswith("Family: sd. Stable Diffusion 1.x/2.x")
+    assert seen["sdxl"]["note"] == "Family: sdxl. Stable Diffusion XL: the options of `train_text_to_image_lora_sdxl.py`."
     # the values typed before the switch stayed, the quick preset's size for a tiny model too
     assert seen["kept"] == {"max_train_steps": str(STEPS), "rank": "2", "resolution": "32"}
     assert "Looks good: 4 steps at resolution 32" in seen["verdict"]

@@ -42,11 +42,6 @@ function familySchemas(signal) {
   };
 }
 
-const FAMILY_NOTES = {
-  sd: 'Stable Diffusion 1.x/2.x: the options of diffusers’ train_text_to_image_lora.py',
-  sdxl: 'Stable Diffusion XL: the options of diffusers’ train_text_to_image_lora_sdxl.py',
-};
-
 function modelLabel(m) {
   const family = m.family ? ` · ${m.family}` : '';
   return `${m.name}${family}${m.available ? '' : ' (cannot train here)'}`;
@@ -78,11 +73,15 @@ function jobForm(schema, schemas, models, datasets, ctx) {
   modelSelect.value = (models.find((m) => m.available) ?? models[0])?.name ?? '';
   const familyNote = h('p', {class: 'hint', id: 'model-family'});
   const modelOf = () => models.find((m) => m.name === modelSelect.value);
-  const showFamily = () => {
+  /** The model's family and what its options are (the family config's own description). */
+  const showFamily = async () => {
     const model = modelOf();
-    familyNote.textContent = !model ? '' : model.family
-      ? `Family: ${model.family}. ${FAMILY_NOTES[model.family] ?? ''}${model.problem ? ` · ${model.problem}` : ''}`
-      : model.problem ?? '';
+    if (!model?.family) {
+      familyNote.textContent = model?.problem ?? '';
+      return;
+    }
+    const about = (await schemas(model.family).catch(() => null))?.description ?? '';
+    if (modelOf() === model) familyNote.textContent = `Family: ${model.family}. ${about}`.trim();
   };
   showFamily();
   let activePreset = null;
@@ -107,7 +106,7 @@ function jobForm(schema, schemas, models, datasets, ctx) {
   let lastModel = modelSelect.value;
   async function onModelChange() {
     showFamily();
-    const previous = {model: lastModel, family: options.family};
+    const previous = {model: lastModel, defaults: options.defaults};
     const current = modelSelect.value;
     lastModel = current;
     const family = modelOf()?.family;
@@ -125,8 +124,8 @@ function jobForm(schema, schemas, models, datasets, ctx) {
       options = next;
     }
     if (activePreset) {
-      const before = activePreset.values(previous.model, previous.family);
-      const after = activePreset.values(current, options.family);
+      const before = activePreset.values(previous.model, previous.defaults);
+      const after = activePreset.values(current, options.defaults);
       for (const [name, value] of Object.entries(after)) {
         if (before[name] !== value) options.fields.get(name)?.set(value);
       }
@@ -136,7 +135,7 @@ function jobForm(schema, schemas, models, datasets, ctx) {
 
   function applyPreset(preset) {
     activePreset = preset;
-    options.apply(preset.values(modelSelect.value, options.family));
+    options.apply(preset.values(modelSelect.value, options.defaults));
     for (const button of presetButtons) button.classList.toggle('active', button === presetButtons[PRESETS.indexOf(preset)]);
     const values = options.values();
     presetNote.textContent = `${preset.label}: ${preset.note}. ` + ['resolution', 'max_train_steps', 'rank', 'learning_rate']
