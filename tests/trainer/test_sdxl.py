@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from trainer.config import ConfigError, load_config
 from trainer.data import load_rgb
 from trainer.events import Event
-from trainer.families import get_family
 from trainer.loop import draw_inputs, setup, train
 from trainer.model import ModelLoadError
 from trainer.sample_data import write_sample_dataset
