@@ -212,6 +212,7 @@ class Supervisor:
         self._maybe_written = False  # the last write of _pending failed, perhaps after its commit
         self._canceling = False
         self._stop_asked = False
+        self._stepped = False  # a step event has been read: the training is past its setup
         self.outage = StoreOutage(self.job_id)
         self.wall_clock = WallClock(settings.max_job_seconds)  # LORAQ_MAX_JOB_SECONDS (loraq/limits.py)
 
@@ -265,6 +266,12 @@ class Supervisor:
                     return self._with_store(lambda: _settle(self.recorder, Outcome.failed, self._fail,
                                                             self.wall_clock.message()))
             if self.shutdown is not None and self.shutdown.requested.is_set():
+                if not self._stepped:
+                    # Still loading or preparing: no step to keep, so no checkpoint to wait for
+                    # (a model load can outlast the grace). Stop it and hand the job back now.
+                    self.process.stop()
+                    self._remove_incomplete()
+                    return self._with_store(self._hand_back)
                 self._ask_to_stop()
                 if self.shutdown.left_s() <= HANDBACK_RESERVE_S:
                     return self._abandon("the shutdown grace ran out before its checkpoint", "left to its lease")
@@ -284,7 +291,9 @@ class Supervisor:
         if len(self._pending) >= BUFFER_MAX_EVENTS:
             time.sleep(POLL_S)
             return
-        self._pending.extend(self.process.poll(POLL_S))
+        batch = self.process.poll(POLL_S)
+        self._stepped = self._stepped or any(event.get("type") == "step" for event in batch)
+        self._pending.extend(batch)
 
     def _sync(self) -> None:
         """Renew the lease when due, write the held events, read the job's state; a store that
@@ -378,13 +387,14 @@ class Supervisor:
                         self.job_id, self.attempt)
 
     def _hand_back(self) -> Outcome:
-        """The child checkpointed and stopped: queue the job again as the next attempt, at once."""
+        """The child checkpointed and stopped (or never got to a step): queue the job again as the
+        next attempt, at once."""
         new_attempt = self.recorder.hand_back()
         if new_attempt is None:
             log.info("job.canceled job=%s attempt=%s (canceled while handing back)", self.job_id, self.attempt)
             return Outcome.canceled
         log.warning("job.handed_back job=%s attempt=%s step=%s: queued again as attempt %s (%s)", self.job_id,
-                    self.attempt, self.recorder.stopped.get("step"), new_attempt, HANDED_BACK)
+                    self.attempt, (self.recorder.stopped or {}).get("step"), new_attempt, HANDED_BACK)
         try:
             enqueue_job(self.resources.celery(self.settings), self.job_id, new_attempt)
         except Exception as error:  # noqa: BLE001 - the row is queued; the message is what is lost

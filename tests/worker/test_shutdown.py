@@ -3,7 +3,6 @@ a second request, or the grace running out, ends the process at once."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -99,14 +98,17 @@ def test_a_requested_shutdown_hands_the_job_back_from_the_step_reached(attempt_1
     assert store.job(job_id).state == JobState.succeeded.value
 
 
-def test_the_child_stops_at_its_next_step_even_if_asked_before_it_trains(settings, make_job, store):
-    """A stop sent right after the fork waits (blocked) for the child's own handler: never lost,
-    never fatal."""
+def test_a_shutdown_before_the_first_step_hands_back_at_once(settings, make_job, store):
+    """Nothing trained yet, so nothing to checkpoint: the child (still loading) is stopped and the
+    job handed back without waiting for a step that could come after the grace."""
     job_id = make_job(40, checkpointing_steps=100)
     shutdown = Shutdown(grace_s=60, exit=Exits())
-    shutdown.request("before the child started")
+    shutdown.request("before the child trained")
 
     assert run_job(settings, job_id, 1, shutdown=shutdown) == Outcome.handed_back
     job = store.job(job_id)
-    assert (job.state, job.attempt, job.step) == ("queued", 2, 1)
-    assert os.path.isdir(settings.data_dir / "jobs" / job_id / "attempt-1" / "checkpoint-1")
+    assert (job.state, job.attempt, job.attempt_base) == ("queued", 2, 1)
+    assert store.metric_steps(job_id) == [] and not [e for e in store.events(job_id) if e.type == events.STEP]
+    assert store.events(job_id)[-1].data == {"state": "queued", "reason": "worker shutting down", "attempt": 2}
+    assert run_job(settings, job_id, 2) == Outcome.succeeded
+    assert store.metric_steps(job_id) == list(range(1, 41))
