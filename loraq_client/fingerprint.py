@@ -15,7 +15,8 @@ The hash covers the files of an upload as the server unpacks it, before any chec
 - many files (a multipart upload without a zip): the flat names the server gives them;
 - hidden files (a part starting with `.`, or `__MACOSX`) are left out everywhere.
 
-It is the sha256 over the files sorted by name, each as `name NUL bytes NUL`.
+It is the sha256 over one line per file, sorted by name: `name NUL sha256-of-its-bytes LF`
+(per-file digests, so the server reuses them for its report instead of reading the files twice).
 """
 
 from __future__ import annotations
@@ -35,16 +36,25 @@ def hidden(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX"
 
 
-def content_hash(members: Iterable[tuple[str, Opener]]) -> str:
-    """sha256 over (relative posix name, bytes) of each file, in name order."""
+def file_sha256(opener: Opener) -> str:
     digest = hashlib.sha256()
-    for name, opener in sorted(members, key=lambda member: member[0]):
-        digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
-        with opener() as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
+    with opener() as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def combine(digests: Iterable[tuple[str, str]]) -> str:
+    """The content hash from (relative posix name, sha256 hex of its bytes) of every file."""
+    digest = hashlib.sha256()
+    for name, file_digest in sorted(digests):
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + file_digest.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def content_hash(members: Iterable[tuple[str, Opener]]) -> str:
+    """The content hash of (relative posix name, opener) of every file."""
+    return combine((name, file_sha256(opener)) for name, opener in members)
 
 
 def _strip_single_root(names: list[str], dirs: Iterable[str] = ()) -> str:
@@ -105,19 +115,9 @@ def legacy_content_hash(path: str | Path) -> str:
     """The `content_hash` servers recorded before this definition (sha256 over the sorted sha256s
     of the files' bytes, names left out), for finding datasets uploaded before it."""
     path = Path(path)
-    hashes = []
-
-    def add(members):
-        for _name, opener in members:
-            digest = hashlib.sha256()
-            with opener() as fh:
-                while chunk := fh.read(CHUNK):
-                    digest.update(chunk)
-            hashes.append(digest.hexdigest())
-
     if path.is_dir():
-        add(folder_members(path))
+        hashes = [file_sha256(opener) for _name, opener in folder_members(path)]
     else:
         with zipfile.ZipFile(path) as archive:
-            add(zip_members(archive))
+            hashes = [file_sha256(opener) for _name, opener in zip_members(archive)]
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()

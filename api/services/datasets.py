@@ -34,7 +34,7 @@ from loraq import storage
 from loraq.errors import BadRequest, Conflict, Invalid, NotFound, TooLarge, UnsupportedMedia
 from loraq.models import Dataset, Job, new_id
 from loraq.settings import Settings
-from loraq_client.fingerprint import content_hash as hash_members, folder_members
+from loraq_client.fingerprint import combine, file_sha256, folder_members
 from trainer.files import (
     IMAGE_EXTENSIONS, METADATA_FILE, DatasetError, Example, extract_zip, inspect_folder, load_rgb,
 )
@@ -62,7 +62,8 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
     _remove_hidden(root)
     # Hashed as received (names and bytes), before any file is refused or rewritten: identical
     # uploads give the same hash, and the client can compute it from the folder it sends.
-    content = hash_members(folder_members(root, descend=False))
+    digests = {name: file_sha256(opener) for name, opener in folder_members(root, descend=False)}
+    content = combine(digests.items())
     if dedupe:
         existing = find_reusable(session, settings, owner, content)
         if existing is not None:
@@ -72,7 +73,11 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
         _rewrite_metadata(root / METADATA_FILE, _flat_row)
     refused += _refuse_oversize(root, settings.max_image_pixels)
     examples, refused, warnings = _inspect(root, refused)
-    hashes = {path.relative_to(root).as_posix(): storage.sha256_file(path) for path in _files(root)}
+    # Each kept file's digest from above, but for the metadata.jsonl, the one file rewritten since.
+    hashes = {}
+    for path in _files(root):
+        name = path.relative_to(root).as_posix()
+        hashes[name] = digests[name] if name in digests and name != METADATA_FILE else storage.sha256_file(path)
     report = build_report(root, examples, hashes, refused, warnings)
     captions = caption_preview(root, examples)
     thumbnails = _write_thumbnails(root, examples)
