@@ -133,6 +133,11 @@ def test_cache_on_and_off_give_equal_losses(tiny_sdxl, square_data, tmp_path):
 def test_vae_stays_fp32_under_bf16_and_text_encoders_train(tiny_sdxl, square_data, tmp_path):
     run = setup(sdxl_config(tiny_sdxl, square_data, tmp_path, mixed_precision="bf16", train_text_encoder=True))
     assert run.components.vae.dtype == torch.float32
+    # Never cast through bf16 on the way: the weights are the file's, bit for bit.
+    from diffusers import AutoencoderKL
+
+    original = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae").state_dict()
+    assert all(torch.equal(value, original[key]) for key, value in run.components.vae.state_dict().items())
     assert run.components.unet.dtype == torch.bfloat16
     assert set(run.models) == {"unet", "text_encoder", "text_encoder_2"}
     latents, noise, timesteps, conditioning = draw_inputs(run, next(iter(run.dataloader)))

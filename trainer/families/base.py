@@ -84,11 +84,14 @@ class Family:
         return {"unet": components.unet, **self.text_encoders(components), "vae": components.vae}
 
     def place(self, components: Components, config: CommonConfig, device, weight_dtype: torch.dtype) -> None:
-        """Freeze every model and move it to the device in the dtype its family trains it in
-        (frozen weights in the weight dtype, as the scripts do)."""
-        for model in self.models(components).values():
+        """Freeze every model and move it to the device in the dtype its family trains it in."""
+        for name, model in self.models(components).items():
             model.requires_grad_(False)
-            model.to(device, dtype=weight_dtype)
+            model.to(device, dtype=self.frozen_dtype(name, config, weight_dtype))
+
+    def frozen_dtype(self, name: str, config: CommonConfig, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a frozen model: the weight dtype, as the scripts do."""
+        return weight_dtype
 
     def add_adapters(self, components: Components, config: CommonConfig) -> dict[str, torch.nn.Module]:
         """Attach LoRA (drawing its gaussian init) in the scripts' order; returns the trainable

@@ -145,10 +145,10 @@ class SDXLFamily(Family):
                 raise ModelLoadError(f"pretrained_vae_model_name_or_path: cannot load {vae_source!r}: {error}") from None
         return components
 
-    def place(self, components: SDXLComponents, config: SDXLConfig, device, weight_dtype: torch.dtype) -> None:
-        super().place(components, config, device, weight_dtype)
-        if not config.pretrained_vae_model_name_or_path:
-            components.vae.to(device, dtype=torch.float32)  # the script's "VAE in float32 to avoid NaN losses"
+    def frozen_dtype(self, name: str, config: SDXLConfig, weight_dtype: torch.dtype) -> torch.dtype:
+        if name == "vae" and not config.pretrained_vae_model_name_or_path:
+            return torch.float32  # the script's "VAE in float32 to avoid NaN losses"
+        return weight_dtype
 
     def image_transform(self, config: SDXLConfig) -> SDXLImageTransform:
         return SDXLImageTransform(config.resolution, config.center_crop, config.random_flip,
