@@ -69,9 +69,9 @@ class WallClock:
     whether this is the first time) and, when the child has not stopped `grace_s` later,
     stops it outright (`overdue()`). Either way the job fails with `message()`."""
 
-    def __init__(self, limit_s: float, grace_s: float = STOP_GRACE_S, clock=time.monotonic):
+    def __init__(self, limit_s: float, grace_s: float | None = None, clock=time.monotonic):
         self.limit_s = limit_s
-        self.grace_s = grace_s
+        self.grace_s = STOP_GRACE_S if grace_s is None else grace_s
         self._clock = clock
         self.started = clock()
         self.asked_at: float | None = None
