@@ -18,8 +18,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, true
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from loraq.auth import Principal, authenticate
+from loraq.auth import Principal, PrincipalCache, RevocationWatch, authenticate_with
 from loraq.errors import Forbidden, NotFound, Unauthorized
 from loraq.models import Dataset, Job
 from loraq.settings import Settings
@@ -64,14 +65,28 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer lq_...`")
 
 
-def get_principal(session: SessionDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    """The key's principal; 401 for a missing, malformed, unknown or revoked key."""
+async def get_principal(request: Request,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """The key's principal; 401 for a missing, malformed, unknown or revoked key.
+
+    Async: a key checked recently is answered from the process's PrincipalCache (one Redis read
+    tells whether any key was revoked since); otherwise the lookup runs in one worker thread in
+    a session of its own (a sync dependency on SessionDep cost three thread hand-offs).
+    """
     if credentials is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` "
                            "(the first admin key is in the server's data folder, file admin-key)")
-    principal = authenticate(session, credentials.credentials)
-    session.commit()  # hand the connection back: the next step waits for a thread, not holding it
+    state, secret = request.app.state, credentials.credentials
+    cache = getattr(state, "principals", None)
+    if cache is None:
+        cache = state.principals = PrincipalCache()
+        state.revocations = RevocationWatch(state.async_redis)
+    token = await state.revocations.token()  # before any lookup: see PrincipalCache
+    principal = cache.get(secret, token)
+    if principal is None:
+        principal = await run_in_threadpool(authenticate_with, state.session_factory, secret)
+        if principal is not None:
+            cache.put(secret, token, principal)
     if principal is None:
         raise Unauthorized("invalid or revoked API key")
     return principal

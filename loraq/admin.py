@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
+import redis
 from sqlalchemy.orm import Session
 
 from loraq import auth, registry
@@ -78,8 +79,10 @@ def list_(owner: str | None) -> None:
 @click.argument("key_id")
 def revoke(key_id: str) -> None:
     """Revoke a key: its next request gets 401."""
+    client = redis.Redis.from_url(Settings().redis_url, socket_connect_timeout=2, socket_timeout=5)
     with _session() as session:
-        auth.revoke_key(session, key_id)
+        auth.revoke_key(session, key_id, client)
+    client.close()
     click.echo(f"revoked {key_id}")
 
 

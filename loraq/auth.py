@@ -7,14 +7,19 @@ checked by an indexed lookup.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
 import re
 import secrets
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraq.errors import Invalid, NotFound
 from loraq.models import ApiKey, utcnow
 from loraq.settings import Settings
+
+log = logging.getLogger("loraq.auth")
 
 KEY_PREFIX = "lq_"
 ADMIN_OWNER = "admin"
@@ -64,10 +71,14 @@ def create_key(session: Session, owner: str, name: str | None = None, admin: boo
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:
-    """The principal of a live key, or None for an unknown or revoked one."""
+    """The principal of a live key, or None for an unknown or revoked one.
+
+    One indexed read of the columns it needs (no ORM object); `last_used_at` is written at most
+    once per LAST_USED_RESOLUTION, so a busy key does not turn every request into a write."""
     if not secret.startswith(KEY_PREFIX) or len(secret) > 200:
         return None
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
+    row = session.execute(select(ApiKey.id, ApiKey.owner, ApiKey.admin, ApiKey.revoked_at, ApiKey.last_used_at)
+                          .where(ApiKey.key_hash == hash_key(secret))).first()
     if row is None or row.revoked_at is not None:
         return None
     now = utcnow()
@@ -80,6 +91,12 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     return Principal(owner=row.owner, admin=row.admin, key_id=row.id)
 
 
+def authenticate_with(factory: sessionmaker[Session], secret: str) -> Principal | None:
+    """`authenticate` in a session of its own, closed (its connection back in the pool) on return."""
+    with factory() as session:
+        return authenticate(session, secret)
+
+
 def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
     if owner is not None:
@@ -87,15 +104,108 @@ def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
     return list(session.scalars(query))
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
-    """Revoke a key (idempotent); its next request gets 401."""
+def revoke_key(session: Session, key_id: str, redis=None) -> ApiKey:
+    """Revoke a key (idempotent); its next request gets 401. With `redis`, API processes are told
+    to drop the principals they remember (see PrincipalCache)."""
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound(f"API key {key_id} not found")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.commit()
+    if redis is not None:
+        announce_revocation(redis)  # after the commit: see PrincipalCache for why the order matters
     return row
+
+
+# --------------------------------------------------------------------------------------------
+# Remembering principals between requests
+
+REVOCATION_TOKEN_KEY = "loraq:auth:revocation"  # replaced by every revocation
+PRINCIPAL_TTL_S = 30.0  # the longest a principal is trusted without reading its key again
+PRINCIPAL_CACHE_SIZE = 10_000
+
+
+def announce_revocation(redis) -> bool:
+    """Replace the revocation token, so every API process reads keys again; False when Redis
+    could not be told (the processes then notice within PRINCIPAL_TTL_S)."""
+    try:
+        redis.set(REVOCATION_TOKEN_KEY, uuid.uuid4().hex)
+        return True
+    except (RedisError, OSError) as error:
+        log.warning("auth.revocation_not_announced: %s", error)
+        return False
+
+
+class PrincipalCache:
+    """The principals of keys an API process has recently checked, so most requests skip the
+    database (the lookup, a worker thread and a pooled connection cost several times what
+    FastAPI itself does per request).
+
+    An entry holds only while Redis's revocation token is the one read *before* the key was
+    looked up, and for at most PRINCIPAL_TTL_S. A revocation commits first and then replaces
+    the token, so a lookup either sees the revoked row, or was made before the commit and is
+    dropped with the old token: a revoked key's next request is refused by every process.
+    Without an answer from Redis nothing is remembered and every request reads its key. Only
+    valid keys are stored (by hash), so unknown keys cannot fill it."""
+
+    def __init__(self, ttl_s: float = PRINCIPAL_TTL_S, size: int = PRINCIPAL_CACHE_SIZE):
+        self.ttl_s, self.size = ttl_s, size
+        self._entries: dict[str, tuple[Principal, bytes, float]] = {}
+
+    def get(self, secret: str, token: bytes | None) -> Principal | None:
+        if token is None:
+            return None
+        entry = self._entries.get(hash_key(secret))
+        if entry is None or entry[1] != token or time.monotonic() > entry[2]:
+            return None
+        return entry[0]
+
+    def put(self, secret: str, token: bytes | None, principal: Principal) -> None:
+        if token is None:
+            return
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[hash_key(secret)] = (principal, token, time.monotonic() + self.ttl_s)
+
+
+class RevocationWatch:
+    """Reads the revocation token for the requests of one event loop, one Redis read serving all
+    that arrive together (a read per request cost as much as FastAPI's whole request).
+
+    A request is answered by a read that *began after it arrived*, never by one already in
+    flight, which could predate a revocation the request was sent after: requests arriving
+    during a read wait for the next one, which then serves them all."""
+
+    def __init__(self, redis):
+        self.redis = redis
+        self._next: asyncio.Future | None = None  # the read the requests now arriving wait for
+        self._reading = False
+
+    async def token(self) -> bytes | None:
+        """The current token (b"" before the first revocation); None when Redis does not answer,
+        and then nothing may be taken from a PrincipalCache."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if not self._reading:
+                self._reading = True
+                asyncio.get_running_loop().create_task(self._read())
+        return await asyncio.shield(self._next)
+
+    async def _read(self) -> None:
+        try:
+            while self._next is not None:
+                waiting, self._next = self._next, None
+                try:
+                    token = await self.redis.get(REVOCATION_TOKEN_KEY) or b""
+                except (RedisError, OSError):
+                    token = None
+                except BaseException:
+                    waiting.set_result(None)
+                    raise
+                waiting.set_result(token)
+        finally:
+            self._reading = False
 
 
 def admin_key_path(settings: Settings) -> Path:

@@ -16,8 +16,10 @@ def make_engine(settings: Settings) -> Engine:
         # No cap on connections: a request may hold one while it waits for a thread, and a capped
         # pool then deadlocks against the thread pool under a burst (seen at 100 event streams).
         # SQLite connections are only open files.
+        # Kept open: as many as the API's worker threads (40), since a connection opened past the
+        # pool's size is closed on return and the next one pays the open and pragmas again.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               pool_size=10, max_overflow=-1)
+                               pool_size=40, max_overflow=-1)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -28,8 +30,12 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
 
         return engine
-    # Room for every thread of the API's pool (40) and the requests waiting between steps.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=70)
+    # Room for every thread of the API's pool (40) and the requests waiting between steps, the
+    # threads' share kept open (a new PostgreSQL connection costs milliseconds); several API
+    # processes (LORAQ_API_WORKERS) split it, staying within the server's 100 connections.
+    share = max(1, settings.api_workers)
+    return create_engine(url, pool_pre_ping=True, pool_size=max(10, 40 // share),
+                         max_overflow=max(20, 80 // share - max(10, 40 // share)))
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -111,6 +111,7 @@ def main() -> int:
     archive = ensure_demo_files(settings)
     processes.append(("api", start([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
                                     "--host", settings.host, "--port", str(settings.port),
+                                    "--workers", str(settings.api_workers),  # LORAQ_API_WORKERS
                                     # open event streams would otherwise hold a shutdown until their job ends
                                     "--timeout-graceful-shutdown", "5"], "api")))
     processes.append(("worker", start([sys.executable, "-m", "worker"], "worker")))

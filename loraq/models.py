@@ -6,7 +6,8 @@ import enum
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -37,6 +38,8 @@ FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.canceled)
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # An upload looks for the owner's identical dataset (dedupe) by its content hash.
+    __table_args__ = (Index("ix_datasets_owner_content_hash", "owner", "content_hash"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
@@ -52,15 +55,24 @@ class Dataset(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        # Each in the order GET /v1/jobs pages (queued_at, id), so a page is an index range read
+        # without sorting and a count never reads a row: an owner's jobs; an owner's jobs in one
+        # state (also the queued-jobs limit's count); and every job in one state (queue
+        # positions, an admin's state filter, the workers' and reaper's lookups).
+        Index("ix_jobs_owner_queued_at", "owner", "queued_at", "id"),
+        Index("ix_jobs_owner_state_queued_at", "owner", "state", "queued_at", "id"),
+        Index("ix_jobs_state_queued_at", "state", "queued_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(64))
     name: Mapped[str | None] = mapped_column(String(200))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
     base_model: Mapped[str] = mapped_column(String(300))
     config: Mapped[dict] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued.value)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.queued.value)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
     last_loss: Mapped[float | None] = mapped_column(Float)

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 8000
+    # uvicorn worker processes serving the API (`make run`, the Dockerfile's command): each has
+    # its own connection pool; event streams and key revocations reach every one through Redis.
+    api_workers: int = Field(default=1, ge=1, le=64)
 
     # Base models a job may name: hub ids, local folders or single-file .safetensors checkpoints,
     # plus the generated demo models and those admins add at run time (stored in the database).

@@ -12,6 +12,13 @@ from api.services.health import check
 router = APIRouter(tags=["health"])
 
 
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """Answers while the process serves, touching nothing else: a liveness probe, and the floor
+    bench.service compares authenticated routes with (what FastAPI and uvicorn cost a request)."""
+    return {"status": "ok"}
+
+
 @router.get("/healthz", responses={503: {"model": Health}})
 def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
     health = check(session, redis)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import AdminDep, PrincipalDep, SessionDep
+from api.deps import AdminDep, PrincipalDep, RedisDep, SessionDep
 from api.schemas import ERRORS, ApiKeyCreate, ApiKeyCreated, ApiKeyOut, WhoAmI
 from loraq import auth
 
@@ -12,8 +12,9 @@ router = APIRouter(tags=["keys"])
 
 
 @router.get("/whoami")
-def whoami(principal: PrincipalDep) -> WhoAmI:
+async def whoami(principal: PrincipalDep) -> WhoAmI:
     """The owner the request's key acts for, and whether it is an admin key."""
+    # async: nothing here blocks, so no worker thread (it is the authentication-only benchmark)
     return WhoAmI(owner=principal.owner, admin=principal.admin, key_id=principal.key_id)
 
 
@@ -31,6 +32,6 @@ def list_keys(session: SessionDep, _: AdminDep, owner: str | None = None) -> lis
 
 
 @router.delete("/keys/{key_id}", responses=ERRORS)
-def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> ApiKeyOut:
+def revoke_key(key_id: str, session: SessionDep, redis: RedisDep, _: AdminDep) -> ApiKeyOut:
     """Revoke a key: its next request gets 401. Revoking twice is not an error."""
-    return ApiKeyOut.model_validate(auth.revoke_key(session, key_id), from_attributes=True)
+    return ApiKeyOut.model_validate(auth.revoke_key(session, key_id, redis), from_attributes=True)

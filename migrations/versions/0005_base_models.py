@@ -5,14 +5,11 @@ Revises: 0004
 Create Date: 2026-12-02 17:40:00
 """
 
-from pathlib import Path
-
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0005"
-# TEMPORARY while 0004 is being written in parallel: follow it once it exists (to be fixed to "0004").
-down_revision = "0004" if any(Path(__file__).parent.glob("0004_*.py")) else "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from loraq import storage
 from loraq.jobs import claim, transition
 from loraq.models import Job, JobEvent, JobMetric, JobState
+from support.hostile import zip_of
 
 S = JobState
 
@@ -361,3 +362,74 @@ def test_validate_answers_as_submit_would_without_queueing(client, session, data
     assert validate({}, base_model="no-such-model").status_code == 422
     assert validate({}, dataset_id="0" * 32).status_code == 404
     assert job_count(session) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The list under load: built in one pass from the page's rows (see list_jobs_json); it must say
+# exactly what each job's own GET says.
+
+
+def _key_for(client, owner: str) -> dict:
+    response = client.post("/v1/keys", json={"owner": owner})
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['key']}"}
+
+
+def test_each_listed_job_is_what_its_own_get_answers(client, session, submit):
+    from datetime import datetime, timedelta, timezone
+
+    ids = [submit({"max_train_steps": 40}, name=name).json()["id"]
+           for name in ("plain", 'quotes " and \\ backslash', "ünïcode ✓", None, "running", "done", "failed")]
+    move(session, ids[4], S.running)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for step in range(1, 31):
+        session.add(JobMetric(job_id=ids[4], step=step, loss=0.1, images_per_s=float(step),
+                              time=start + timedelta(seconds=step / 3)))
+    session.query(Job).filter(Job.id == ids[4]).update({"step": 30, "last_loss": 0.25})
+    session.commit()
+    move(session, ids[5], S.running, S.succeeded)
+    move(session, ids[6], S.running, S.failed, error='CUDA "out of memory"\nat step 3')
+
+    listed = client.get("/v1/jobs", params={"limit": 200})
+
+    assert listed.status_code == 200 and listed.headers["content-type"] == "application/json"
+    body = listed.json()
+    assert (body["total"], body["limit"], body["offset"]) == (7, 200, 0)
+    assert [item["id"] for item in body["items"]] == ids[::-1]
+    for item in body["items"]:
+        assert item == client.get(f"/v1/jobs/{item['id']}").json()
+    running = next(item for item in body["items"] if item["id"] == ids[4])
+    assert running["images_per_s"] == 30.0 and running["eta_s"] is not None and running["progress"] == 0.75
+    assert [item["queue_position"] for item in body["items"] if item["state"] == "queued"] == [4, 3, 2, 1]
+
+
+def test_queue_positions_and_totals_on_filtered_and_paged_lists(client, png, dataset_id, submit):
+    """Positions count every owner's queued jobs, also on a page of one owner's jobs, a page of
+    one dataset's or a later page; totals count every match, short page or not."""
+    alice = _key_for(client, "alice")
+    response = client.post("/v1/datasets", headers=alice, files={"files": (
+        "a.zip", zip_of({"a.png": png(), "a.txt": "a"}), "application/zip")})
+    alice_dataset = response.json()["id"]
+    order = []  # every job, oldest first, alternating owners
+    for n in range(6):
+        if n % 2:
+            order.append(submit(headers=alice, dataset_id=alice_dataset).json()["id"])
+        else:
+            order.append(submit().json()["id"])
+    client.post(f"/v1/jobs/{order[2]}/cancel")
+    queued = [job_id for job_id in order if job_id != order[2]]
+    expected = {job_id: n for n, job_id in enumerate(queued, start=1)}
+
+    for params, headers in [({}, alice), ({"limit": 1, "offset": 1}, alice), ({"limit": 2, "offset": 1}, None),
+                            ({"dataset_id": dataset_id}, None), ({"state": "queued", "limit": 2}, None)]:
+        page = client.get("/v1/jobs", params=params, headers=headers).json()
+        for item in page["items"]:
+            assert item["queue_position"] == expected.get(item["id"]), (params, item["id"])
+    assert client.get("/v1/jobs", headers=alice).json()["total"] == 3
+    assert client.get("/v1/jobs", params={"limit": 2}, headers=alice).json()["total"] == 3
+    assert client.get("/v1/jobs", params={"offset": 2}, headers=alice).json()["total"] == 3  # short page
+    assert client.get("/v1/jobs", params={"offset": 9}, headers=alice).json() == {
+        "items": [], "total": 3, "limit": 50, "offset": 9}
+    assert client.get("/v1/jobs", params={"state": "queued", "limit": 1}).json()["total"] == 5
+    assert client.get("/v1/jobs", params={"dataset_id": dataset_id, "limit": 1}).json()["total"] == 3
+    assert client.get("/v1/jobs", params={"dataset_id": "0" * 32}).json()["total"] == 0
