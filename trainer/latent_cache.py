@@ -11,7 +11,8 @@ events.
 
 Where it lives. In RAM up to a budget (`cache_ram_mb`); past it entries go to a record file on
 disk, read back with `pread` (not a memory map, so pages read never count against the process's
-resident memory). Without `cache_dir` that file is private and removed at the end. With
+resident memory). Without `cache_dir` that file is private (in the run's
+output folder, since /tmp may be RAM) and removed at the end. With
 `cache_dir` (the worker passes one shared root) the cache is kept for later runs:
 
     {cache_dir}/v1/{key}/seg-{time_ns}-{id}/   published segments, immutable, each complete
@@ -254,7 +255,6 @@ def _open_published(path: Path) -> _SegmentFiles | None:
 class CacheStats:
     encoded_images: int = 0  # latent entries this run encoded
     encoded_texts: int = 0
-    reused: int = 0  # entries found in segments published before this run
     ram_hits: int = 0
     disk_hits: int = 0
     published_segments: int = 0
@@ -268,6 +268,7 @@ class LatentCache:
     root: Path | None = None  # shared cache root; None: private, removed at close
     key: str = "private"
     max_bytes: int | None = None
+    spill_dir: Path | None = None  # where a private cache spills (default: the system's temp folder)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self):
@@ -346,7 +347,9 @@ class LatentCache:
     def _new_segment_dir(self) -> Path:
         if self.root is None:
             if self._private_dir is None:
-                self._private_dir = Path(tempfile.mkdtemp(prefix="loraq-latents-"))
+                if self.spill_dir is not None:
+                    Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+                self._private_dir = Path(tempfile.mkdtemp(prefix=".loraq-latents-", dir=self.spill_dir))
             path = self._private_dir / uuid.uuid4().hex
         else:
             path = self.key_dir / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"

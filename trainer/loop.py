@@ -382,7 +382,7 @@ def _cached_dataset(config, family: Family, folder: Path, examples, transform, c
         cache = latent_cache.LatentCache(ram_bytes, root=Path(config.cache_dir), key=key,
                                          max_bytes=config.cache_max_bytes)
     else:
-        cache = latent_cache.LatentCache(ram_bytes)
+        cache = latent_cache.LatentCache(ram_bytes, spill_dir=Path(config.output_dir))
     image_keys = latent_cache.image_keys(folder, [e.path for e in examples], config.train_data_dir)
     text_keys = None if config.train_text_encoder else [latent_cache.text_key(e.caption) for e in examples]
     orientations = 2 if config.random_flip else 1

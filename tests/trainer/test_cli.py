@@ -151,7 +151,11 @@ def test_acceptance_run_prints_one_step_event_per_step(launched):
     assert events[-1]["type"] == "done"
     steps = [e for e in events if e["type"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 31))
-    assert [e["type"] for e in events] == ["start"] + ["step"] * 30 + ["done"]
+    # The latent cache's `prepare` events (its plan, or up-front progress) come before the first step.
+    types = [e["type"] for e in events]
+    prepare = [i for i, kind in enumerate(types) if kind == "prepare"]
+    assert prepare and prepare == list(range(1, 1 + len(prepare)))
+    assert [kind for kind in types if kind != "prepare"] == ["start"] + ["step"] * 30 + ["done"]
     for event in steps:
         assert event["total_steps"] == 30
         assert math.isfinite(event["loss"]) and event["loss"] > 0

@@ -87,6 +87,7 @@ def test_up_front_pass_reports_progress_and_follows_the_uncached_run(tiny_model,
 def test_disk_spilled_cache_follows_the_uncached_run(tiny_model, data_dir, uncached, tmp_path):
     losses, _ = run(tiny_model, data_dir, tmp_path, cache_ram_mb=0, cache_upfront=False)  # nothing fits in RAM
     same(losses, uncached[9])
+    assert not list(tmp_path.glob(".loraq-latents-*")), "the private spill file goes with the run"
 
 
 def test_the_rule_chooses_up_front_only_for_many_uses_of_a_small_dataset():
