@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from loraq import storage
 from loraq.limits import WallClock
 from loraq.models import JobState
@@ -44,6 +46,7 @@ def test_wall_clock_rules():
     assert not off.expired()  # 0: no limit
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # the supervisor's timing, not the database's
 def test_a_training_that_does_not_stop_in_the_grace_is_stopped_and_the_job_fails(settings, make_job, store,
                                                                                  monkeypatch):
     # No grace at all: the moment the time is up the child is stopped, wherever it is; the limit
