@@ -283,16 +283,24 @@ def test_compose_build_arguments_exist_in_the_dockerfile(compose):
 # loraq.deploy, the containers' init and health checks
 
 
-def test_deploy_init_migrates_and_writes_the_demo_models(tmp_path, monkeypatch):
+def test_deploy_init_migrates_and_keeps_the_demo_models(tmp_path, tiny_model, tiny_sdxl_model):
+    """`init` on a fresh data volume; the demo models are the session's (generating them is
+    loraq.launcher's, as for `make run`), and init leaves models that are there alone."""
+    from sqlalchemy import create_engine, inspect
+
     from loraq.deploy import init
-    from loraq.settings import DEMO_MODELS, Settings
+    from loraq.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data")
+    for name, source in (("tiny-sd", tiny_model), ("tiny-sdxl", tiny_sdxl_model)):
+        shutil.copytree(source, settings.demo_dir(name))
+    stamp = (settings.demo_dir("tiny-sd") / "model_index.json").stat().st_mtime_ns
     init(settings)
     init(settings)  # again, as on every `docker compose up`: nothing to do, no error
-    assert (tmp_path / "data" / "loraq.db").is_file()
-    for name in DEMO_MODELS:
-        assert (settings.demo_dir(name) / "model_index.json").is_file()
+    tables = set(inspect(create_engine(settings.sqlalchemy_url)).get_table_names())
+    assert {"jobs", "datasets", "api_keys", "alembic_version"} <= tables
+    assert (settings.demo_dir("tiny-sd") / "model_index.json").stat().st_mtime_ns == stamp
+    assert (settings.data_dir / "samples" / "demo-dataset.zip").is_file()
 
 
 def test_deploy_health_checks():
