@@ -59,5 +59,6 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["python", "-m", "loraq.deploy", "check-api"]
 # The API; the compose file runs the worker (`python -m worker`) and the migrations
-# (`python -m loraq.deploy init`) from the same image.
+# (`python -m loraq.deploy init`) from the same image. Without compose, run that init once first:
+#   docker run --rm -v loraq-data:/data loraq:cpu python -m loraq.deploy init
 CMD ["uvicorn", "api.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5"]
