@@ -34,6 +34,7 @@ class PrivatePostgres:
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
         self._as = []
+        self.running = False
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres", "postgres")
             self._as = ["runuser", "-u", "postgres", "--"]
@@ -54,9 +55,16 @@ class PrivatePostgres:
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c full_page_writes=off -c max_connections=200")
         self._run(_bin("pg_ctl"), "start", "-w", "-D", str(self.data), "-l", str(self.log), "-o", options)
+        self.running = True
+
+    def ensure_running(self) -> None:
+        """Started again if a test that stopped it ended early."""
+        if not self.running:
+            self.start()
 
     def stop(self, mode: str = "immediate") -> None:
         """`immediate`: the server's processes quit at once, as in a crash (recovery on start)."""
+        self.running = False
         self._run(_bin("pg_ctl"), "stop", "-w", "-D", str(self.data), "-m", mode)
 
     def create_database(self, name: str) -> str:
