@@ -125,6 +125,9 @@ class JobCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200, pattern=NO_CONTROL_CHARS)
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="trainer options, e.g. {\"resolution\": 512, \"rank\": 8}")
+    webhook_url: str | None = Field(default=None, max_length=2000,
+                                    description="POSTed the job on each state change, signed with the owner's "
+                                                "secret (GET /v1/webhook-secret); http or https, no private addresses")
 
 
 class JobCheck(BaseModel):
@@ -132,6 +135,53 @@ class JobCheck(BaseModel):
 
     total_steps: int
     config: dict[str, Any] = Field(description="the validated trainer options with every default filled in")
+
+
+class WebhookAttemptOut(BaseModel):
+    attempt: int
+    at: UtcDatetime
+    status_code: int | None = Field(description="the receiver's HTTP status; null when it did not answer")
+    ok: bool
+    error: str | None
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="the webhook-id header: the same on every retry")
+    state: str = Field(description="the state change this delivery announces")
+    event_seq: int
+    status: str = Field(description="pending (will be tried at next_attempt_at), delivered or failed")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: UtcDatetime
+    delivered_at: UtcDatetime | None
+    next_attempt_at: UtcDatetime | None
+    history: list[WebhookAttemptOut]
+
+
+class WorkerJobOut(BaseModel):
+    id: str
+    state: str
+    step: int
+    total_steps: int
+
+
+class WorkerOut(BaseModel):
+    name: str = Field(description="host:pid of the worker process")
+    host: str | None
+    pid: int | None
+    queue: str | None = Field(description="the Celery queue it takes jobs from")
+    gpu_class: str = Field(description="the accelerator it trains on (cpu, or the GPU's model, e.g. h100-80gb-hbm3)")
+    device: str | None = Field(description="its LORAQ_WORKER_DEVICE (auto, cpu, cuda)")
+    busy: bool = Field(description="training a job now")
+    current_job: WorkerJobOut | None = Field(description="the job it trains; shown to admins and the job's owner")
+    last_heartbeat: UtcDatetime
+    started_at: UtcDatetime | None
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="whsec_ + base64 of the HMAC-SHA256 key; see the README's Webhooks section")
+    created_at: UtcDatetime
 
 
 class JobOut(BaseModel):
@@ -154,6 +204,9 @@ class JobOut(BaseModel):
     queue_position: int | None = Field(description="1-based place among queued jobs; null unless queued")
     images_per_s: float | None = Field(default=None, description="training speed at the last step; null unless running")
     eta_s: float | None = Field(default=None, description="seconds left at the pace of the last steps; null unless running")
+    webhook_url: str | None = Field(default=None, description="where state changes are POSTed (GET /v1/jobs/{id} only)")
+    webhook_deliveries: list[WebhookDeliveryOut] | None = Field(
+        default=None, description="each state change's delivery to webhook_url (GET /v1/jobs/{id} only)")
 
 
 class JobList(BaseModel):

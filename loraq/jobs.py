@@ -8,7 +8,7 @@ from typing import Iterable
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from loraq import events
+from loraq import events, webhooks
 from loraq.errors import Conflict
 from loraq.models import Job, JobEvent, JobState, utcnow
 
@@ -67,13 +67,16 @@ def transition(
         query = query.where(Job.attempt == attempt)
     if where is not None:
         query = query.where(where)
-    result = session.execute(query.values(state=new.value, **fields).returning(Job.state))
-    if result.first() is None:
+    result = session.execute(query.values(state=new.value, **fields).returning(Job.state, Job.webhook_url))
+    row = result.first()
+    if row is None:
         return None
     data = {"state": new.value, **(event_data or {})}
     if fields.get("error"):
         data["error"] = fields["error"]
-    return events.append_event(session, job_id, events.STATE, data)
+    event = events.append_event(session, job_id, events.STATE, data)
+    webhooks.record(session, job_id, row.webhook_url, event)  # an outbox row, sent after the commit
+    return event
 
 
 def claim(session: Session, job_id: str, attempt: int, worker: str, lease_s: float) -> JobEvent | None:

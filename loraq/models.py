@@ -89,6 +89,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Where each state change is POSTed (loraq/webhooks.py); checked at submit, None for none.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
 
 
 class JobMetric(Base):
@@ -171,3 +173,39 @@ class BaseModelRow(Base):
     family: Mapped[str] = mapped_column(String(16))
     added_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookSecret(Base):
+    """An owner's webhook signing secret (`whsec_` + base64 of 32 random bytes), made on first use."""
+
+    __tablename__ = "webhook_secrets"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One state change of a job to POST to its webhook_url: written in the transition's own
+    transaction (an outbox), sent after the commit by a dispatcher, retried with backoff.
+
+    `status`: pending (to send, at next_attempt_at), delivered (a 2xx), failed (attempts used up
+    or the URL refused); `history` holds every attempt: {attempt, at, status_code, error}.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event_seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(2000))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    history: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     metrics_host: str | None = None
 
+    # Webhooks (loraq/webhooks.py): a job's webhook_url may not reach loopback, link-local or
+    # private addresses unless allowed (tests, a receiver on the same private network). A failed
+    # delivery is retried after retry_base_s, doubling each time, up to max_attempts attempts.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_retry_base_s: float = Field(default=10.0, gt=0)
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value):

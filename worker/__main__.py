@@ -11,8 +11,10 @@ import redis
 
 from loraq.reaper import start_reaper
 from loraq.settings import Settings
+from loraq.webhooks import start_dispatcher
 from loraq.workers import KEY_PREFIX, start_heartbeat
 from worker.app import create_app, warm_up, worker_argv
+from worker.gpu_class import gpu_class
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,9 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     name = f"{socket.gethostname()}:{os.getpid()}"
     stop = start_heartbeat(client, name, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "queue": settings.queue_name})
+                                          "queue": settings.queue_name, "device": settings.worker_device,
+                                          "gpu_class": gpu_class(settings.worker_device)})
     # Every worker also reaps expired leases (jobs of workers that died); concurrent reapers are safe.
     stop_reaper = start_reaper(settings)
+    # ... and sends due webhooks (loraq/webhooks.py): a thread, since the solo pool's one task
+    # slot is busy training for hours; several dispatchers claim each attempt once.
+    stop_webhooks = start_dispatcher(settings)
     code: int | str | None = 0
     try:
         app.worker_main(worker_argv(settings) + list(sys.argv[1:] if argv is None else argv))
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         code = exit_.code
     finally:
         stop_reaper.set()
+        stop_webhooks.set()
         stop.set()
     try:  # gone from /healthz now, not when the heartbeat key expires
         client.delete(KEY_PREFIX + name)

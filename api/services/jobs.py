@@ -23,13 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.deps import load_dataset, visible
 from api.services.models import resolve_for_job
 from api.services.quotas import check_queued_jobs
-from api.schemas import JobCreate, JobOut
-from loraq import events, storage
+from api.schemas import JobCreate, JobOut, WebhookDeliveryOut
+from loraq import events, storage, webhooks
 from loraq.auth import Principal
 from loraq.errors import Conflict, Invalid, NotFound
 from loraq.jobs import transition
 from loraq.limits import check_job_limits
 from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
+from loraq.models import WebhookDelivery
 from loraq.queue import enqueue_job
 from loraq.registry import ModelStatus
 from loraq.settings import Settings
@@ -58,7 +59,9 @@ def cancel_key(job_id: str) -> str:
 
 def request_hash(body: JobCreate) -> str:
     """The request's identity for Idempotency-Key: its canonical JSON (key order does not matter)."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # webhook_url left out when not given, so keys used before webhooks existed still replay.
+    values = body.model_dump(mode="json", exclude={"webhook_url"} if body.webhook_url is None else None)
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -141,6 +144,7 @@ def check_submission(session: Session, settings: Settings, principal: Principal,
     model = check_base_model(settings, body.base_model, session)
     config, steps = validate_options(settings, dataset, model, body.options)
     check_job_limits(settings, principal, config, steps)  # the operator's LORAQ_MAX_* (loraq/limits.py)
+    webhooks.check_url(settings, body.webhook_url)
     return dataset, config, steps
 
 
@@ -159,12 +163,14 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
     dataset, config, steps = check_submission(session, settings, principal, body)
     job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
               config=checked_options(config), total_steps=steps, state=JobState.queued.value,
-              attempt=1, step=0, event_seq=0, idempotency_key=key, request_hash=digest)
+              attempt=1, step=0, event_seq=0, idempotency_key=key, request_hash=digest,
+              webhook_url=body.webhook_url)
     session.add(job)
     try:
         session.flush()
         check_queued_jobs(session, settings, owner)
         event = events.append_event(session, job.id, events.STATE, {"state": JobState.queued.value})
+        webhooks.record(session, job.id, job.webhook_url, event)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -300,7 +306,12 @@ def job_out(job: Job, position: int | None, speed: tuple[float | None, float | N
 
 
 def show_job(session: Session, job: Job) -> JobOut:
-    return job_out(job, queue_position(session, job), job_speed(session, job))
+    out = job_out(job, queue_position(session, job), job_speed(session, job))
+    out.webhook_url = job.webhook_url
+    if job.webhook_url:
+        out.webhook_deliveries = [WebhookDeliveryOut.model_validate(d, from_attributes=True)
+                                  for d in webhooks.deliveries(session, job.id)]
+    return out
 
 
 # A listed job's columns, with its config as the JSON text the database holds: decoding 50
@@ -422,7 +433,7 @@ def delete_job(session: Session, settings: Settings, redis, job: Job) -> None:
     """Remove a finished job's rows and files; 409 while it is queued, running or canceling."""
     if JobState(job.state) in ACTIVE_STATES:
         raise Conflict(f"job {job.id} is {job.state}; cancel it and let it stop before deleting it")
-    for table in (JobMetric, JobEvent, Artifact):
+    for table in (JobMetric, JobEvent, Artifact, WebhookDelivery):
         session.execute(delete(table).where(table.job_id == job.id))
     deleted = session.execute(delete(Job).where(Job.id == job.id, Job.state.in_([s.value for s in FINAL_STATES])))
     if deleted.rowcount != 1:

@@ -22,6 +22,7 @@ from sqlalchemy import case, extract, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraq.models import Dataset, Job, JobMetric, JobState, utcnow
+from loraq import webhooks
 from loraq.settings import Settings
 from loraq.workers import live_workers
 
@@ -68,8 +69,11 @@ class ServiceCollector(Collector):
                                   "Time a job waited in the queue before its (last) attempt started",
                                   Job.queued_at, Job.started_at, QUEUE_WAIT_BUCKETS, Job.started_at.is_not(None))
             yield from self._uploads(session)
-        yield CounterMetricFamily("loraq_webhook_deliveries", "Webhook deliveries by outcome (webhooks are not "
-                                  "built yet: this family has no samples)", labels=["outcome"])
+            deliveries = CounterMetricFamily("loraq_webhook_deliveries", "Webhook delivery attempts by outcome "
+                                             "(success: a 2xx answer; failure: anything else)", labels=["outcome"])
+            for outcome, count in webhooks.outcome_counts(session).items():
+                deliveries.add_metric([outcome], count)
+            yield deliveries
 
     # -- jobs ----------------------------------------------------------------------------------
 

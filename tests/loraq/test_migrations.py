@@ -6,7 +6,8 @@ from loraq.db import make_engine
 from loraq.migrate import downgrade, upgrade
 from loraq.models import Base
 
-TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys", "base_models"}
+TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys", "base_models",
+          "webhook_secrets", "webhook_deliveries"}
 
 
 def tables(settings) -> set[str]:

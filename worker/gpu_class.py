@@ -1,0 +1,30 @@
+"""What kind of accelerator this worker trains on, for the workers page and its heartbeat.
+
+Read from the NVIDIA driver's /proc files, not from torch: asking CUDA in the worker's parent
+would initialise it there, and the training child, forked from that parent, could not use it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def gpu_class(device: str, gpus_dir: Path = NVIDIA_GPUS) -> str:
+    """`cpu` when the worker trains on the CPU (by setting, or no NVIDIA GPU found); else the first
+    GPU's model as a short name (`NVIDIA H100 80GB HBM3` -> `h100-80gb-hbm3`)."""
+    if device == "cpu":
+        return "cpu"
+    try:
+        infos = sorted(gpus_dir.glob("*/information"))
+        text = infos[0].read_text() if infos else ""
+    except OSError:
+        text = ""
+    match = re.search(r"^Model:\s*(.+)$", text, re.MULTILINE)
+    if not match:
+        return "cpu"
+    name = re.sub(r"^(nvidia|geforce|tesla)\s+", "", match.group(1).strip(), flags=re.IGNORECASE)
+    name = re.sub(r"^(geforce|rtx)\s+", "", name, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
