@@ -1,4 +1,4 @@
-"""`python -m trainer train ...` and `python -m trainer tiny-model DIR [--family sd|sdxl]`."""
+"""`python -m trainer train ...` and `python -m trainer tiny-model DIR [--family sd|sdxl|flux|sd3]`."""
 
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def _quiet_libraries() -> None:
 def _tiny_model(args: argparse.Namespace, extra: list[str]) -> int:
     from trainer.tiny import write_tiny_model
 
-    path = write_tiny_model(args.directory, prediction_type=args.prediction_type, seed=args.seed, family=args.family)
+    path = write_tiny_model(args.directory, prediction_type=args.prediction_type, seed=args.seed, family=args.family,
+                            flux_variant=args.flux_variant)
     print(json.dumps({"type": "done", "paths": [str(path)]}))
     return 0
 
@@ -149,10 +150,12 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bar on stderr")
     train.set_defaults(handler=_train)
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny SD- or SDXL-shaped pipeline with random weights")
+    tiny = commands.add_parser("tiny-model", help="write a tiny SD-, SDXL-, Flux- or SD3-shaped pipeline with random weights")
     tiny.add_argument("directory")
-    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl"])
+    tiny.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "sd3"])
     tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    tiny.add_argument("--flux-variant", default="dev", choices=["dev", "schnell"],
+                      help="flux: dev has the guidance embedding, schnell not")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_tiny_model)
 

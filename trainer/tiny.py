@@ -59,17 +59,22 @@ def build_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
 
 
 def write_tiny_model(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0,
-                     family: str = "sd") -> Path:
-    """Write a tiny random pipeline of `family` ("sd" or "sdxl") to ``out_dir`` (safetensors) and
-    return its path.
+                     family: str = "sd", flux_variant: str = "dev") -> Path:
+    """Write a tiny random pipeline of `family` ("sd", "sdxl", "flux" or "sd3") to ``out_dir``
+    (safetensors) and return its path.
 
     Weights depend only on ``seed``; the caller's global torch RNG state is left untouched.
     The default image size is 32 px (``unet.sample_size`` 4 times the VAE factor of 8).
+    `prediction_type` is for the DDPM families; `flux_variant` ("dev", "schnell") for Flux.
     """
     if family == "sdxl":
         return write_tiny_sdxl(out_dir, prediction_type, seed)
+    if family in ("flux", "sd3"):
+        from trainer.tiny_flow import write_tiny_flux, write_tiny_sd3
+
+        return write_tiny_flux(out_dir, flux_variant, seed) if family == "flux" else write_tiny_sd3(out_dir, seed)
     if family != "sd":
-        raise ValueError(f"family: no tiny model for {family!r} (sd, sdxl)")
+        raise ValueError(f"family: no tiny model for {family!r} (sd, sdxl, flux, sd3)")
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     # Everything is built on CPU, so only the CPU generator needs forking.
