@@ -4,9 +4,14 @@ A base model comes in one of three forms:
 
 - a diffusers pipeline folder: its ``model_index.json`` names the pipeline class;
 - a hub id: the same file, looked up in the local Hugging Face cache only (never downloaded);
-- a single-file ``.safetensors`` checkpoint in the original (CompVis/Stability) layout, as
+- a single-file ``.safetensors`` checkpoint in the original (CompVis/Stability/BFL) layout, as
   finetunes are shared: only its header is read (8 bytes of length, then JSON), and the family
-  follows from the key names of its text encoders.
+  follows from its key names (the text encoders' for sd/sdxl, the transformer's blocks for flux
+  and sd3).
+
+Detection recognises more families than the trainer may train (`KNOWN_FAMILIES`); only those in
+`FAMILY_NAMES` (the families registered in trainer/families, which tests/trainer/test_families.py
+holds equal) are reported; a recognised but unsupported one is refused by name.
 
 Pure Python (json, struct): the API and the admin command detect families without importing torch.
 """
@@ -18,7 +23,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+# The families the trainer trains: exactly trainer.families.FAMILIES (that module imports torch,
+# which detection must not, so the names live here and a test keeps the two equal).
 FAMILY_NAMES = ("sd", "sdxl")
+# Every family detection recognises, supported or not.
+KNOWN_FAMILIES = ("sd", "sdxl", "flux", "sd3")
 MODEL_INDEX = "model_index.json"
 SINGLE_FILE_SUFFIX = ".safetensors"
 
@@ -26,6 +35,8 @@ SINGLE_FILE_SUFFIX = ".safetensors"
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
 }
 
 # Single-file key prefixes (the original repos' layout, as diffusers' single_file_utils reads it).
@@ -37,10 +48,14 @@ SDXL_TEXT1_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L
 SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."        # OpenCLIP ViT-bigG
 SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner has bigG alone
 
+# Transformer single files (BFL's Flux layout, Stability's SD3 MMDiT), bare or under
+# model.diffusion_model. (ComfyUI's), as diffusers' single_file_utils recognises them. A Flux
+# file is usually the transformer alone; an SD3 file may carry its VAE and text encoders too.
+FLOW_SINGLE_FILE_BLOCKS = (("double_blocks.", "flux"), ("joint_blocks.", "sd3"))
+# How a refusal names a recognised family the trainer does not train.
+FAMILY_TITLES = {"flux": "FLUX", "sd3": "Stable Diffusion 3"}
 # Checkpoints of families we do not train, recognised by a key fragment so the refusal names them.
 _OTHER_FAMILIES = (
-    ("joint_blocks.", "Stable Diffusion 3"),
-    ("double_blocks.", "FLUX"),
     ("double_layers.", "AuraFlow"),
 )
 # A header larger than this is no safetensors header (real ones are a few MB at most).
@@ -69,7 +84,7 @@ class ModelInfo:
 
 
 def detect_family(source: str | Path) -> str:
-    """"sd" or "sdxl" for a pipeline folder, a cached hub id or a single-file checkpoint.
+    """A supported family (FAMILY_NAMES) for a pipeline folder, a cached hub id or a single-file checkpoint.
 
     Raises:
         UnsupportedModel: naming the source and what it holds instead (ModelNotFound if absent).
@@ -117,7 +132,7 @@ def is_single_file_name(source: str | Path) -> bool:
 
 def pipeline_family(class_name: str | None, source: str | Path) -> str:
     """The family of a diffusers pipeline class name, or UnsupportedModel naming it."""
-    if class_name in PIPELINE_FAMILIES:
+    if PIPELINE_FAMILIES.get(class_name) in FAMILY_NAMES:
         return PIPELINE_FAMILIES[class_name]
     raise UnsupportedModel(f"{source}: {class_name or 'an unnamed pipeline'} is not a supported family "
                            f"(supported: {', '.join(FAMILY_NAMES)})")
@@ -187,12 +202,19 @@ def single_file_family(path: str | Path) -> str:
 
 
 def family_from_keys(keys: list[str], source: str | Path) -> str:
-    """"sd" or "sdxl" for the tensor names of a full original-layout checkpoint (UNet, VAE, text)."""
+    """The family of an original-layout checkpoint's tensor names: sd/sdxl for a full checkpoint
+    (UNet, VAE, text encoders), flux/sd3 for one whose transformer blocks are there."""
     if not keys:
         raise UnsupportedModel(f"{source}: not a diffusion checkpoint: it holds no tensors")
     if any(key.startswith(("lora_unet_", "lora_te")) or ".lora_A." in key or ".lora_down." in key
            for key in keys):
         raise UnsupportedModel(f"{source}: a LoRA adapter, not a base model checkpoint")
+    flow = _flow_family(keys)
+    if flow is not None:
+        if flow not in FAMILY_NAMES:
+            raise UnsupportedModel(f"{source}: a {FAMILY_TITLES[flow]} checkpoint, not a supported family "
+                                   f"(supported: {', '.join(FAMILY_NAMES)})")
+        return flow
     for fragment, name in _OTHER_FAMILIES:
         if any(fragment in key for key in keys):
             raise UnsupportedModel(f"{source}: a {name} checkpoint, not a supported family "
@@ -212,6 +234,14 @@ def family_from_keys(keys: list[str], source: str | Path) -> str:
     if not _has(keys, VAE_PREFIX):
         raise UnsupportedModel(f"{source}: not a full checkpoint: no VAE keys ({VAE_PREFIX}*)")
     return family
+
+
+def _flow_family(keys: list[str]) -> str | None:
+    """"flux" or "sd3" when the transformer's blocks are at the top or under model.diffusion_model."""
+    for block, family in FLOW_SINGLE_FILE_BLOCKS:
+        if any(key.startswith((block, UNET_PREFIX + block)) for key in keys):
+            return family
+    return None
 
 
 def _has(keys: list[str], prefix: str) -> bool:

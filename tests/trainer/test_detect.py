@@ -9,14 +9,23 @@ import sys
 import pytest
 
 from support.models import SINGLE_FILE_KEYS, header_only_checkpoint, pipeline_folder
+from trainer import detect
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family, inspect_model
+
+# Transformer single files: BFL's Flux layout (dev has guidance_in) bare, and ComfyUI's under
+# model.diffusion_model.; SD3 as Stability ships it, with its VAE and text encoders beside.
+FLUX_FILE_KEYS = ["double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight",
+                  "guidance_in.in_layer.weight", "img_in.weight"]
+COMFY_FLUX_FILE_KEYS = ["model.diffusion_model." + key for key in FLUX_FILE_KEYS]
+SD3_FILE_KEYS = ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                 "first_stage_model.encoder.conv_in.weight", "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"]
 
 
 def test_pipeline_folders(tiny_model, tmp_path):
     assert detect_family(tiny_model) == "sd"
     assert detect_family(pipeline_folder(tmp_path / "xl", "StableDiffusionXLPipeline")) == "sdxl"
-    with pytest.raises(UnsupportedModel, match=r"flux: FluxPipeline is not a supported family \(supported: sd, sdxl\)"):
-        detect_family(pipeline_folder(tmp_path / "flux", "FluxPipeline"))
+    with pytest.raises(UnsupportedModel, match=r"pixart: PixArtSigmaPipeline is not a supported family \(supported: sd, sdxl"):
+        detect_family(pipeline_folder(tmp_path / "pixart", "PixArtSigmaPipeline"))
     with pytest.raises(UnsupportedModel, match="not a diffusers pipeline folder"):
         detect_family(tmp_path)
 
@@ -95,3 +104,40 @@ def test_a_cached_hub_id(tmp_path, tiny_model, monkeypatch):
 def test_detect_imports_no_torch():
     code = "import sys, trainer.detect; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_flux_and_sd3_are_recognised_and_reported_once_supported(tmp_path, monkeypatch):
+    flux = pipeline_folder(tmp_path / "flux", "FluxPipeline")
+    sd3 = pipeline_folder(tmp_path / "sd3", "StableDiffusion3Pipeline")
+    files = {"flux": [header_only_checkpoint(tmp_path / "flux.safetensors", FLUX_FILE_KEYS),
+                      header_only_checkpoint(tmp_path / "comfy-flux.safetensors", COMFY_FLUX_FILE_KEYS)],
+             "sd3": [header_only_checkpoint(tmp_path / "sd3.safetensors", SD3_FILE_KEYS)]}
+
+    # While the trainer has no such family, each is refused by name, never taken for sd/sdxl.
+    monkeypatch.setattr(detect, "FAMILY_NAMES", ("sd", "sdxl"))
+    with pytest.raises(UnsupportedModel, match=r"FluxPipeline is not a supported family \(supported: sd, sdxl\)"):
+        detect_family(flux)
+    with pytest.raises(UnsupportedModel, match="StableDiffusion3Pipeline is not a supported family"):
+        detect_family(sd3)
+    for path in files["flux"]:
+        with pytest.raises(UnsupportedModel, match="a FLUX checkpoint, not a supported family"):
+            detect_family(path)
+    with pytest.raises(UnsupportedModel, match="a Stable Diffusion 3 checkpoint, not a supported family"):
+        detect_family(files["sd3"][0])
+
+    # Registered, they are their families.
+    monkeypatch.setattr(detect, "FAMILY_NAMES", ("sd", "sdxl", "flux", "sd3"))
+    assert inspect_model(flux) == detect.ModelInfo("flux", "folder", str(flux))
+    assert detect_family(sd3) == "sd3"
+    for family, paths in files.items():
+        for path in paths:
+            assert inspect_model(path) == detect.ModelInfo(family, "single_file", str(path))
+    # A Flux LoRA (kohya names hold double_blocks too) is still no base model.
+    lora = header_only_checkpoint(tmp_path / "lora.safetensors", ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
+    with pytest.raises(UnsupportedModel, match="a LoRA adapter"):
+        detect_family(lora)
+
+
+def test_supported_families_are_recognised_ones():
+    assert set(detect.FAMILY_NAMES) <= set(detect.KNOWN_FAMILIES)
+    assert set(detect.PIPELINE_FAMILIES.values()) == set(detect.KNOWN_FAMILIES)
