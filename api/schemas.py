@@ -234,6 +234,9 @@ class ArtifactOut(BaseModel):
     sha256: str
     step: int | None
     url: str
+    metadata: dict[str, str] | None = Field(
+        default=None, description="a LoRA file's training metadata (kohya's ss_* and modelspec.* keys); "
+                                  "null for other artifacts")
 
 
 

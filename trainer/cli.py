@@ -95,8 +95,17 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
         _quiet_libraries()
 
+    from trainer import metadata
+
+    run_metadata = metadata.MetadataRecorder(config)  # ss_* and modelspec.* keys in the LoRA files
+
+    def on_event(event) -> None:
+        run_metadata(event)
+        reporter(event)
+
     try:
-        train(config, reporter)
+        with metadata.recording(config, run_metadata):
+            train(config, on_event)
     except (ConfigError, DatasetError):
         return EXIT_BAD_INPUT
     except Exception:  # the error event carries the message; the traceback goes to the log

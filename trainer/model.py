@@ -14,8 +14,10 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load as load_bytes, load_file, save_file
 
+from trainer import metadata as training_metadata
 from trainer.checkpoints import atomic_file
 from trainer.config import CommonConfig
 
@@ -46,13 +48,15 @@ def lora_state_dicts(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, 
     return {name: get_peft_model_state_dict(model) for name, model in models.items()}
 
 
-def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn.Module]) -> Path:
+def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn.Module],
+              metadata: dict[str, str] | None = None) -> Path:
     """Write the diffusers-format `pytorch_lora_weights.safetensors` that `pipeline_class` loads.
 
     `models` maps the pipeline's component names ("unet", "text_encoder", "text_encoder_2") to
     models with an adapter. The file appears whole or not at all (a temporary name, then a
     rename): a checkpoint counts as complete once it has this file, and a half-written LoRA is
-    never taken for a finished one.
+    never taken for a finished one. `metadata` (default: the recorded run's, trainer/metadata.py)
+    joins diffusers' own keys in the file's header.
     """
     layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
               for name, state in lora_state_dicts(models).items()}
@@ -66,11 +70,17 @@ def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn
         pipeline_class.save_lora_weights(
             save_directory=str(output_dir), weight_name=partial.name, safe_serialization=True, **layers,
         )
+        extra = training_metadata.for_file(output_dir) if metadata is None else metadata
+        if extra:  # diffusers writes only its own keys: add ours to the header (a small file, rewritten once)
+            with safe_open(str(partial), framework="pt") as handle:
+                header = handle.metadata() or {}
+            save_file(load_bytes(partial.read_bytes()), str(partial), metadata={**extra, **header})
     return path
 
 
 def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str, torch.nn.Module],
-                    rename: dict[str, Callable[[str], str]] | None = None) -> Path:
+                    rename: dict[str, Callable[[str], str]] | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
     """Write the same LoRA in kohya's key format, which AUTOMATIC1111 and ComfyUI load: `lora_unet_`,
     `lora_te1_` (text_encoder) and `lora_te2_` (text_encoder_2) keys with an `.alpha` each.
     `rename` maps a model's adapter keys first (SDXL's UNet: to the original block names)."""
@@ -85,7 +95,8 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str,
     path = Path(output_dir) / KOHYA_WEIGHTS_NAME
     with atomic_file(path) as partial:
         save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(partial),
-                  metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
+                  metadata={**(training_metadata.for_file(output_dir) if metadata is None else metadata),
+                            "ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
     return path
 
 

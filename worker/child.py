@@ -240,17 +240,25 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
     events_out = os.fdopen(write_fd, "w", buffering=1, encoding="utf-8")
 
     from trainer.events import ConsoleReporter, Event
+    from trainer import metadata as training_metadata
     from trainer.loop import train
 
+    from worker.tensorboard import FOLDER as TENSORBOARD_FOLDER, TensorBoardSink
+
     reporter = ConsoleReporter(out=events_out, log=log_file, bar=False)
+    board = TensorBoardSink(Path(config.output_dir) / TENSORBOARD_FOLDER)  # the scalars, for TensorBoard
+    run_metadata = training_metadata.MetadataRecorder(config)  # the LoRA files' ss_*/modelspec.* keys
 
     def on_event(event) -> None:
+        run_metadata(event)
         reporter(event)
+        board(event)
         if event.type == "step" and (event.step % STEP_LOG_EVERY == 0 or event.step == event.total_steps):
             log_file.write(f"step {event.step}/{event.total_steps} loss {event.loss:.5g} lr {event.lr:.3g}\n")
 
     try:
-        train(config, on_event)
+        with training_metadata.recording(config, run_metadata):
+            train(config, on_event)
     except control.StopRequested as stopped:
         log_file.write(f"{stopped}\n")
         events_out.write(json.dumps({"type": STOPPED, "step": stopped.step, "time": time.time()}) + "\n")
@@ -263,6 +271,8 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
             events_out.write(Event("error", message=message).to_json() + "\n")
             events_out.flush()
         return 1
+    finally:
+        board.close()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery, Task
@@ -9,7 +10,9 @@ from celery.exceptions import Reject
 
 from loraq.queue import RUN_JOB_TASK
 from loraq.settings import Settings
-from worker import runner, shutdown
+from worker import runner, shutdown, tensorboard
+
+log = logging.getLogger("loraq.worker")
 
 
 class _PerProcess:
@@ -36,7 +39,18 @@ def register(app: Celery, settings: Settings) -> Task:
             # Shutting down: the message goes back to the queue for another worker, unclaimed.
             raise Reject("worker shutting down", requeue=True)
         worker = f"{self.request.hostname}:{os.getpid()}"
-        return runner.run_job(settings, job_id, attempt, worker=worker, resources=resources.get(),
-                              shutdown=stopping).value
+        try:
+            return runner.run_job(settings, job_id, attempt, worker=worker, resources=resources.get(),
+                                  shutdown=stopping).value
+        finally:
+            _record_tensorboard(resources, job_id, attempt)
 
     return run_job
+
+
+def _record_tensorboard(resources: _PerProcess, job_id: str, attempt: int) -> None:
+    """The attempt's TensorBoard files become the job's artifacts once it has ended."""
+    try:
+        tensorboard.record_artifacts(resources.settings, resources.get().sessions, job_id, attempt)
+    except Exception as error:  # noqa: BLE001 - the files stay in the job's folder; only the listing misses them
+        log.warning("tensorboard.record_failed job=%s attempt=%s: %s", job_id, attempt, error)

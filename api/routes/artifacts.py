@@ -1,28 +1,41 @@
-"""/v1/jobs/{id}/artifacts: the files a job produced, listed and downloaded by name."""
+"""/v1/jobs/{id}/artifacts: the files a job produced, listed and downloaded by name; a folder of
+them (`tensorboard/...`, `checkpoint-10/...`) also downloads as `<folder>.zip`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from api.deps import OwnedJob, SessionDep, SettingsDep
 from api.schemas import ERRORS, ArtifactOut
+from api.services import artifact_extras
 from api.services import jobs as service
+from loraq.errors import NotFound
 
 router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
 
 
 @router.get("", responses=ERRORS)
 def list_artifacts(job: OwnedJob, session: SessionDep) -> list[ArtifactOut]:
+    """Every artifact; a LoRA file (final or a checkpoint's) also shows its training metadata."""
     return [ArtifactOut(kind=a.kind, name=a.name, size=a.size, sha256=a.sha256, step=a.step,
-                        url=f"/v1/jobs/{job.id}/artifacts/{quote(a.name)}")
+                        url=f"/v1/jobs/{job.id}/artifacts/{quote(a.name)}",
+                        metadata=artifact_extras.lora_metadata(Path(a.path)) if artifact_extras.is_lora(a) else None)
             for a in service.list_artifacts(session, job)]
 
 
 @router.get("/{name:path}", response_class=FileResponse, responses=ERRORS)
-def download_artifact(job: OwnedJob, name: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    """The artifact's bytes (looked up by name in the job's artifact list, never used as a path)."""
-    artifact, path, media_type = service.artifact_file(session, settings, job, name)
+def download_artifact(job: OwnedJob, name: str, session: SessionDep, settings: SettingsDep):
+    """The artifact's bytes (looked up by name in the job's artifact list, never used as a path),
+    or for `<folder>.zip` a zip of the artifacts under that folder."""
+    try:
+        artifact, path, media_type = service.artifact_file(session, settings, job, name)
+    except NotFound:
+        spool, size = artifact_extras.folder_zip(session, settings, job, name)
+        filename = quote(name.rsplit("/", 1)[-1])
+        return StreamingResponse(spool, media_type="application/zip", headers={
+            "content-disposition": f"attachment; filename*=utf-8''{filename}", "content-length": str(size)})
     return FileResponse(path, media_type=media_type, filename=artifact.name.rsplit("/", 1)[-1])
