@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,16 +60,12 @@ class Recorder:
         # since the attempt that wrote it may have died before recording it.
         self.resumed_from: Path | None = None
 
-    def record(self, batch: list[dict], maybe_written: bool = False) -> None:
+    def record(self, batch: list[dict]) -> None:
         """Write a batch of trainer events in one transaction; raises LostOwnership.
 
-        `maybe_written`: the last try of this batch failed, possibly after its commit went
-        through (the connection broke before the answer came back); a batch found written is
-        not written again, so no job event is repeated.
+        A write whose answer never came (the database died mid-commit) may have gone through:
+        ask `written()` before writing that batch again, so no job event is repeated.
         """
-        if maybe_written and self._written(batch):
-            log.info("job.batch_was_written job=%s attempt=%s: not writing it again", self.job_id, self.attempt)
-            return
         # Files are hashed before the transaction opens, so it stays short.
         artifacts = [row for event in batch for row in self._artifacts_of(event) if row]
         with self._transaction() as (session, added):
@@ -169,22 +165,21 @@ class Recorder:
         self._unpublished.extend(added)
         self.publish_pending()
 
-    def _written(self, batch: list[dict]) -> bool:
-        """Whether `batch` is already in the database: the job event its first step or checkpoint
-        would add is there, after the last one this recorder knows it wrote."""
-        first = next((e for e in batch if e.get("type") in ("step", "checkpoint")), None)
-        if first is None:  # nothing that adds a job event: writing it again repeats nothing
-            return False
-        kind = events.STEP if first["type"] == "step" else events.CHECKPOINT
+    def written(self) -> bool:
+        """Whether the last batch `record` tried, with no answer, is in the database after all.
+
+        While this attempt owns the job only it adds job events other than state changes (the API
+        and the reaper add those), so any such event after `last_seq`, the newest this recorder
+        knows it committed, came from that batch. A batch that adds no job event at all is safe
+        to write again (its metrics and artifacts are upserts).
+        """
         with self.sessions() as session:
-            found = session.execute(select(JobEvent.seq, JobEvent.data).where(
-                JobEvent.job_id == self.job_id, JobEvent.seq > self.last_seq, JobEvent.type == kind)).all()
-        # After last_seq only this attempt writes step and checkpoint events (the claim set it);
-        # a step event also carries the trainer's timestamp.
-        for _seq, data in found:
-            if data.get("step") == first["step"] and (kind == events.CHECKPOINT or data.get("time") == first.get("time")):
-                return True
-        return False
+            newest = session.scalar(select(func.max(JobEvent.seq)).where(
+                JobEvent.job_id == self.job_id, JobEvent.seq > self.last_seq, JobEvent.type != events.STATE))
+        if newest is None:
+            return False
+        self.last_seq = newest
+        return True
 
     def _fence(self, session: Session, **fields) -> None:
         result = session.execute(

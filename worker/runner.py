@@ -209,7 +209,7 @@ class Supervisor:
         self._deadline = time.monotonic() + MAX_ATTEMPT_S
         self._redis_failed = False
         self._pending: list[dict] = []  # trainer events read but not yet written, oldest first
-        self._maybe_written = False  # the last write of _pending failed, perhaps after its commit
+        self._uncertain = 0  # how many of _pending the last, unanswered write held (see _flush)
         self._canceling = False
         self._stop_asked = False
         self._stepped = False  # a step event has been read: the training is past its setup
@@ -333,12 +333,18 @@ class Supervisor:
 
     def _flush(self) -> None:
         """Write the held events, in order, in one transaction."""
+        if self._uncertain:  # the last write got no answer: its commit may have gone through
+            if self.recorder.written():
+                log.info("job.batch_was_written job=%s attempt=%s: %d events not written again", self.job_id,
+                         self.attempt, self._uncertain)
+                del self._pending[:self._uncertain]
+            self._uncertain = 0
         if not self._pending:
             return
-        self._maybe_written = True  # cleared only once the commit is known to have happened
-        self.recorder.record(self._pending, maybe_written=self._maybe_written)
+        self._uncertain = len(self._pending)  # until the commit is known to have happened
+        self.recorder.record(self._pending)
         self._pending = []
-        self._maybe_written = False
+        self._uncertain = 0
 
     def _with_store(self, write):
         """Flush the held events, then `write()` (a settle or a hand-back), waiting out an outage
