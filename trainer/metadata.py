@@ -7,7 +7,7 @@ the LoRA writers in trainer/model.py ask `for_file(output_dir)` for the keys at 
 the final files and every checkpoint's file carry them. Outside `recording` they get none.
 Hashes: the base model's is a SHA-256 over its weight files (each file's own SHA-256 with its
 relative name, sorted: `name NUL digest LF`), cached by path, size and mtime under
-`~/.cache/loraq/model-hashes.json`; the dataset's is the same over every file of the data folder.
+`~/.cache/loraq/model-hashes.json`; the dataset's is the same over every file of the data folder the trainer reads (hidden ones left out).
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class MetadataRecorder:
             tags = Counter(tag.strip() for caption in captions.values() for tag in caption.split(",") if tag.strip())
             name = folder.name or "data"
             self._dataset = {
-                "ss_dataset_hash": tree_hash(folder, lambda p: True) if folder.is_dir() else "",
+                "ss_dataset_hash": tree_hash(folder, lambda p: not _hidden(p.relative_to(folder).as_posix()))
+                if folder.is_dir() else "",
                 "ss_num_train_images": str(len(captions)),
                 "ss_tag_frequency": json.dumps({name: dict(tags.most_common())}, ensure_ascii=False),
                 "ss_dataset_dirs": json.dumps({name: {"n_repeats": 1, "img_count": len(captions)}}),
@@ -178,6 +179,11 @@ def model_hash(source: str) -> str:
     return value
 
 
+def _hidden(name: str) -> bool:
+    """What the trainer leaves out of a data folder (trainer/files.py): dot files and folders."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
 def _captions(folder: Path, caption_column: str) -> dict[str, str]:
     """Each image's caption text (several captions joined), as metadata.jsonl or .txt files give it."""
     from trainer.files import _read_metadata
@@ -191,6 +197,8 @@ def _captions(folder: Path, caption_column: str) -> dict[str, str]:
     captions = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
         name = path.relative_to(folder).as_posix()
+        if _hidden(name):
+            continue
         caption = listed.get(name)
         if caption is None and path.with_suffix(".txt").is_file():
             caption = path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
