@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
@@ -135,8 +136,103 @@ class SDXLConfig(CommonConfig):
     pretrained_vae_model_name_or_path: str | None = None
 
 
-FAMILY_CONFIGS: dict[str, type[CommonConfig]] = {"sd": TrainConfig, "sdxl": SDXLConfig}
-AnyConfig = TrainConfig | SDXLConfig
+WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
+# DDPM options with no meaning for a flow-matching model, and why (the refusal says it).
+_NOT_FLOW_MATCHING = {
+    "snr_gamma": "Min-SNR weighting is for DDPM noise schedules; use weighting_scheme",
+    "noise_offset": "offset noise is for DDPM noise schedules",
+    "prediction_type": "the target is always noise - latents",
+}
+
+
+class FlowMatchingConfig(CommonConfig):
+    """What Flux and SD3 share: the flow-matching options of `train_dreambooth_lora_flux.py` and
+    `train_dreambooth_lora_sd3.py`, their defaults, and an instance prompt for caption-less images."""
+
+    resolution: int = 512
+    train_batch_size: int = Field(default=4, ge=1)
+    adam_weight_decay: float = Field(default=1e-4, ge=0)
+    # torchvision's Resize in the scripts: bilinear.
+    image_interpolation_mode: Interpolation = "bilinear"
+    # Timestep sampling and loss weighting (diffusers.training_utils): logit_normal draws
+    # sigmoid(N(logit_mean, logit_std)), mode uses mode_scale, sigma_sqrt and cosmap sample
+    # uniformly and weight the loss, none is uniform and unweighted.
+    weighting_scheme: WeightingScheme = "none"
+    logit_mean: float = 0.0
+    logit_std: float = Field(default=1.0, gt=0)
+    mode_scale: float = 1.29
+    # T5's token length (padded to it).
+    max_sequence_length: int = Field(default=512, ge=1, le=512)
+    # The transformer modules given LoRA (the scripts' --lora_layers); None: the scripts' default list.
+    lora_layers: list[str] | None = None
+    # The caption of images that have none (DreamBooth style); captioned images keep their own.
+    instance_prompt: str | None = None
+    # Not options here; hidden from the form and refused by name when given.
+    snr_gamma: SkipJsonSchema[None] = Field(default=None, exclude=True)
+    noise_offset: SkipJsonSchema[float] = Field(default=0.0, exclude=True)
+    prediction_type: SkipJsonSchema[None] = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_ddpm_options(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            family = cls.model_fields["family"].default
+            for name, why in _NOT_FLOW_MATCHING.items():
+                if name in values and values[name] not in (None, 0, 0.0):
+                    raise ValueError(f"{name} is not an option of the {family} family: {why}")
+            if values.get("train_text_encoder"):
+                raise ValueError(f"train_text_encoder: not supported for the {family} family yet "
+                                 "(the transformer alone is trained)")
+            if values.get("instance_prompt") and "missing_captions" not in values:
+                values = {**values, "missing_captions": "empty"}
+        return values
+
+    @field_validator("lora_layers", mode="before")
+    @classmethod
+    def _split_layers(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the scripts' comma-separated form
+            value = [layer.strip() for layer in value.split(",") if layer.strip()]
+        if value is not None and not value:
+            raise ValueError("name at least one module, or leave it unset for the default list")
+        return value
+
+
+class FluxConfig(FlowMatchingConfig):
+    """FLUX.1 (dev, with its guidance embedding, or schnell): the options of
+    `train_dreambooth_lora_flux.py`."""
+
+    family: Literal["flux"] = "flux"
+    output_dir: str = "flux-dreambooth-lora"
+    # The guidance the dev model is conditioned on, constant every step (ignored by schnell,
+    # which has no guidance embedding).
+    guidance_scale: float = Field(default=3.5, ge=0)
+
+
+class SD3Config(FlowMatchingConfig):
+    """Stable Diffusion 3 / 3.5: the options of `train_dreambooth_lora_sd3.py`."""
+
+    family: Literal["sd3"] = "sd3"
+    output_dir: str = "sd3-dreambooth-lora"
+    weighting_scheme: WeightingScheme = "logit_normal"
+    max_sequence_length: int = Field(default=77, ge=1, le=512)
+    # EDM preconditioning (section 5): the prediction is read as noisy - sigma * output and
+    # compared with the clean latents; the script's default.
+    precondition_outputs: bool = True
+    # Only these transformer blocks get LoRA (the script's --lora_blocks); None: all of them.
+    lora_blocks: list[int] | None = None
+
+    @field_validator("lora_blocks", mode="before")
+    @classmethod
+    def _split_blocks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [block.strip() for block in value.split(",") if block.strip()]
+        return value
+
+
+FAMILY_CONFIGS: dict[str, type[CommonConfig]] = {
+    "sd": TrainConfig, "sdxl": SDXLConfig, "flux": FluxConfig, "sd3": SD3Config,
+}
+AnyConfig = TrainConfig | SDXLConfig | FluxConfig | SD3Config
 
 
 def config_model(family: str) -> type[CommonConfig]:

@@ -30,7 +30,6 @@ from trainer.config import CommonConfig, ConfigError
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
 from trainer.events import Event, EventSink, Throughput, ignore_events
 from trainer.families import Components, Conditioning, Family, get_family
-from trainer.losses import diffusion_loss, training_target
 from trainer.model import (
     KOHYA_WEIGHTS_NAME, WEIGHT_DTYPES, ModelLoadError, load_adapter_state, save_adapter_state,
 )
@@ -63,6 +62,8 @@ class Run:
     # The memory layout of the VAE's output here; sampling follows it (see draw_inputs).
     latent_memory_format: torch.memory_format = torch.contiguous_format
     cache: latent_cache.CachePlan | None = None  # the latent cache, when on
+    # The family's training objective: noise and timesteps, noisy input, target, loss.
+    objective: object = None
 
     @property
     def trainable(self) -> tuple[torch.nn.Module, ...]:
@@ -190,7 +191,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
         max_train_steps=max_train_steps, num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
         num_update_steps_per_epoch=steps_per_epoch,
         latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
-        cache=getattr(dataset, "plan", None),
+        cache=getattr(dataset, "plan", None), objective=family.objective(components, config),
     )
 
 
@@ -221,26 +222,19 @@ def draw_inputs(run: Run, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     else:
         params = family.encode_image_params(components, batch["pixel_values"])
     latents = family.sample_latents(components, params, run.weight_dtype)
-
-    noise = torch.randn_like(latents)
-    if config.noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
-    timesteps = torch.randint(
-        0, components.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
-
+    noise, timesteps = run.objective.draw(latents)
     return latents, noise, timesteps, family.conditioning(components, batch, config, run.weight_dtype)
 
 
 def optimize(run: Run, latents, noise, timesteps, conditioning: Conditioning) -> tuple[float, float | None]:
     """Predict, loss, backward, clip, step. Returns the loss gathered across processes and the
     gradient norm before clipping (None on accumulation steps that do not sync)."""
-    scheduler = run.components.noise_scheduler
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(scheduler, latents, noise, timesteps)
-    model_pred = run.family.predict(run.unet, noisy_latents, timesteps, conditioning)
-    loss = diffusion_loss(model_pred, target, scheduler, timesteps, run.config.snr_gamma)
+    objective = run.objective
+    noisy_latents = objective.noisy_input(latents, noise, timesteps)
+    target = objective.target(latents, noise, timesteps)
+    model_pred = objective.prediction(run.family.predict(run.unet, noisy_latents, timesteps, conditioning),
+                                      noisy_latents, timesteps)
+    loss = objective.loss(model_pred, target, timesteps)
 
     # Every process's mean loss, for logging (one process: no collective to go through).
     losses = loss.detach().repeat(latents.shape[0])
@@ -286,6 +280,7 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
               "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device)},
     ))
     _prepare_cache(run, emit)  # after `start`, which says what the run is; before the first step
+    _release_text_encoders(run)
     throughput = Throughput(total_batch, run.max_train_steps, global_step)
     losses: list[float] = []
     images: list[str] = []
@@ -347,6 +342,7 @@ def _build_dataset(config: CommonConfig, family: Family, folder: Path, component
     transform = family.image_transform(config)
     examples = data.scan_examples(folder, config.caption_column, config.missing_captions)
     examples = data.select_samples(examples, config.max_train_samples, config.seed)
+    examples = family.captions(config, examples)
     if _use_cache(config, examples, transform):
         return _cached_dataset(config, family, folder, examples, transform, components, device), True, len(examples)
     return family.dataset(config, examples, components), False, len(examples)
@@ -441,6 +437,32 @@ def _prepare_cache(run: Run, emit: EventSink) -> None:
         lambda tokens: family.encode_text(components, tokens), dataset.tokenize_captions,
         run.config.train_batch_size, run.accelerator.device, latent_cache.Progress(report),
     )
+
+
+def _release_text_encoders(run: Run) -> None:
+    """With frozen text encoders and every caption's conditioning cached, families whose text
+    encoders dwarf what trains (Flux's and SD3's T5) free them: the captions not cached yet are
+    encoded now, then the family drops the encoders (validation reloads them)."""
+    plan = run.cache
+    if plan is None or plan.text_keys is None:
+        return
+    family, components = run.family, run.components
+    if not family.release_text_encoders(components, dry_run=True):
+        return
+    dataset = run.dataloader.dataset
+    pending: dict[str, int] = {}
+    for index, key in enumerate(plan.text_keys):
+        if key not in pending and not plan.cache.has(latent_cache.TEXT, key):
+            pending[key] = index
+    items = list(pending.items())
+    with torch.no_grad():
+        for start in range(0, len(items), run.config.train_batch_size):
+            chunk = items[start:start + run.config.train_batch_size]
+            tokens = dataset.tokenize_captions([dataset.examples[i].caption for _, i in chunk])
+            encoded = family.encode_text(components, {k: v.to(run.accelerator.device) for k, v in tokens.items()})
+            for row, (key, _) in enumerate(chunk):
+                plan.cache.put(latent_cache.TEXT, key, {name: value[row] for name, value in encoded.items()})
+    family.release_text_encoders(components)
 
 
 # --------------------------------------------------------------------------------------------

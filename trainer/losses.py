@@ -54,3 +54,36 @@ def diffusion_loss(
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, len(loss.shape))))
     return (loss * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
+
+
+class DDPMObjective:
+    """The objective of the SD and SDXL scripts: noise (plus offset noise), uniform integer
+    timesteps, the scheduler's `add_noise`, an epsilon or velocity target, MSE (Min-SNR weighted
+    on request). Draws exactly what and where the scripts draw."""
+
+    def __init__(self, scheduler, noise_offset: float = 0.0, snr_gamma: float | None = None):
+        self.scheduler = scheduler
+        self.noise_offset = noise_offset
+        self.snr_gamma = snr_gamma
+
+    def draw(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn_like(latents)
+        if self.noise_offset:
+            # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+            noise += self.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+        timesteps = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        ).long()
+        return noise, timesteps
+
+    def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return training_target(self.scheduler, latents, noise, timesteps)
+
+    def prediction(self, model_pred: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return model_pred
+
+    def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return diffusion_loss(model_pred, target, self.scheduler, timesteps, self.snr_gamma)

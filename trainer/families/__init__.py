@@ -10,9 +10,11 @@ __all__ = ["FAMILIES", "Components", "Conditioning", "Family", "get_family"]
 
 def _families() -> dict[str, Family]:
     from trainer.families.sd import SDFamily
+    from trainer.families.flux import FluxFamily
+    from trainer.families.sd3 import SD3Family
     from trainer.families.sdxl import SDXLFamily
 
-    return {family.name: family for family in (SDFamily(), SDXLFamily())}
+    return {family.name: family for family in (SDFamily(), SDXLFamily(), FluxFamily(), SD3Family())}
 
 
 FAMILIES: dict[str, Family] = _families()

@@ -111,6 +111,22 @@ class Family:
             else:
                 model.gradient_checkpointing_enable()
 
+    def objective(self, components: Components, config: CommonConfig):
+        """The training objective (draw noise and timesteps, noisy input, target, loss): the
+        DDPM one of the SD/SDXL scripts here (trainer/losses.py); flow matching for Flux/SD3."""
+        from trainer.losses import DDPMObjective
+
+        return DDPMObjective(components.noise_scheduler, config.noise_offset, config.snr_gamma)
+
+    def captions(self, config: CommonConfig, examples: list[data.Example]) -> list[data.Example]:
+        """The examples as trained on (Flux/SD3: an instance prompt for caption-less images)."""
+        return examples
+
+    def release_text_encoders(self, components: Components, dry_run: bool = False) -> bool:
+        """Free the frozen text encoders once every caption's conditioning is cached; returns
+        whether it does (SD/SDXL keep them, as their scripts do)."""
+        return False
+
     def noise_scheduler(self, source: str, config: CommonConfig) -> DDPMScheduler:
         """The training scheduler: a DDPMScheduler from the pipeline's scheduler config, with the
         prediction type overridden on request (both scripts do this)."""

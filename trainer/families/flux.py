@@ -1,0 +1,224 @@
+"""FLUX.1 (dev and schnell): the family of diffusers' `train_dreambooth_lora_flux.py`.
+
+What differs from SD/SDXL, as the script does it:
+- a `FluxTransformer2DModel` instead of a UNet, trained by flow matching
+  (trainer/flow_matching.py) on the pipeline's `FlowMatchEulerDiscreteScheduler` grid;
+- latents are `(sample - shift_factor) * scaling_factor` (16 channels), packed into 2x2 patches
+  for the transformer with their image ids, and the prediction unpacked again;
+- the text conditioning is CLIP's pooled output and T5's last hidden state, T5's tokens padded to
+  `max_sequence_length`; text ids are zeros;
+- the dev model (a guidance embedding) gets `guidance_scale` as a constant input every step,
+  schnell none;
+- LoRA on the attention and feed-forward projections of every block (`lora_layers` to choose);
+- the image is resized (bilinear), maybe flipped, then cropped, as the script's dataset does.
+
+The transformer is the loop's trainable "unet" (the denoiser's name in the loop); it is
+"transformer" in the pipeline and the LoRA files. The text encoders are held in one dict the
+loop's copies of the components share, so freeing them (`release_text_encoders`) frees them for
+every holder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from trainer import data
+from trainer.config import FluxConfig
+from trainer.detect import is_single_file_name
+from trainer.families.base import Components, Conditioning, Family, load_error
+from trainer.families.sdxl import SDXLDataset, SDXLImageTransform
+from trainer.flow_matching import FlowMatchingObjective
+from trainer.model import ModelLoadError, lora_config, save_lora
+
+# The script's default LoRA targets (attention and feed-forward of the double-stream blocks; the
+# single-stream blocks' attention shares the names to_q/to_k/to_v).
+FLUX_TARGET_MODULES = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+TOKEN_KEYS = ("input_ids", "input_ids_2")  # CLIP's, T5's
+
+
+@dataclass(frozen=True)
+class FlowImageTransform(SDXLImageTransform):
+    """The DreamBooth scripts' order (resize, flip drawn as SDXL's, crop), pixels only."""
+
+    def __call__(self, image, flip: bool | None = None) -> torch.Tensor:
+        return super().__call__(image, flip)["pixel_values"]
+
+
+@dataclass
+class FlowComponents(Components):
+    """Components with frozen text encoders in a shared dict (None once released)."""
+
+    encoders: dict[str, torch.nn.Module | None] = field(default_factory=dict)
+    tokenizers: dict[str, object] = field(default_factory=dict)
+    max_sequence_length: int = 512
+
+    @property
+    def text_encoder(self):
+        return self.encoders.get("text_encoder")
+
+    @property
+    def text_encoder_2(self):
+        return self.encoders.get("text_encoder_2")
+
+    @property
+    def text_encoder_3(self):
+        return self.encoders.get("text_encoder_3")
+
+
+class FlowFamily(Family):
+    """What Flux and SD3 share: loading, flow matching, text-encoder release, files."""
+
+    transformer_class: type
+    # (component name, class) of each tokenizer and text encoder, in the pipeline's order.
+    tokenizer_classes: tuple[tuple[str, type], ...]
+    text_encoder_classes: tuple[tuple[str, type], ...]
+    target_modules: list[str]
+
+    @property
+    def text_encoder_names(self):
+        return tuple(name for name, _ in self.text_encoder_classes)
+
+    def load(self, config) -> FlowComponents:
+        source = config.pretrained_model_name_or_path
+        if is_single_file_name(source):
+            raise ModelLoadError(f"pretrained_model_name_or_path: single-file {self.name} checkpoints are not "
+                                 "supported yet; give a diffusers folder")
+        common = {"revision": config.revision}
+        weights = {"variant": config.variant, **common}
+        try:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common)
+            tokenizers = {name: cls.from_pretrained(source, subfolder=name, **common)
+                          for name, cls in self.tokenizer_classes}
+            encoders = {name: cls.from_pretrained(source, subfolder=name, **weights)
+                        for name, cls in self.text_encoder_classes}
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+            transformer = self.transformer_class.from_pretrained(source, subfolder="transformer", **weights)
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise load_error(config, error) from None
+        return FlowComponents(noise_scheduler=scheduler, vae=vae, unet=transformer, encoders=encoders,
+                              tokenizers=tokenizers, max_sequence_length=config.max_sequence_length)
+
+    def text_encoders(self, components: FlowComponents) -> dict[str, torch.nn.Module]:
+        return {name: model for name, model in components.encoders.items() if model is not None}
+
+    def models(self, components: FlowComponents) -> dict[str, torch.nn.Module]:
+        # Released text encoders are left out: the validation pipeline loads them again.
+        return {"transformer": components.unet, **self.text_encoders(components), "vae": components.vae}
+
+    def add_adapters(self, components: FlowComponents, config) -> dict[str, torch.nn.Module]:
+        components.unet.add_adapter(lora_config(config, self.lora_targets(config)))
+        return {"unet": components.unet}
+
+    def lora_targets(self, config) -> list[str]:
+        return list(config.lora_layers) if config.lora_layers else list(self.target_modules)
+
+    def objective(self, components: FlowComponents, config) -> FlowMatchingObjective:
+        return FlowMatchingObjective(
+            components.noise_scheduler, config.weighting_scheme, config.logit_mean, config.logit_std,
+            config.mode_scale, precondition_outputs=getattr(config, "precondition_outputs", False))
+
+    def captions(self, config, examples: list[data.Example]) -> list[data.Example]:
+        if not config.instance_prompt:
+            return examples
+        return [e if e.caption else dataclasses.replace(e, caption=config.instance_prompt) for e in examples]
+
+    def release_text_encoders(self, components: FlowComponents, dry_run: bool = False) -> bool:
+        """Off the device and deleted: the shared dict drops them, so no holder keeps them."""
+        if dry_run:
+            return True
+        for name, model in list(components.encoders.items()):
+            if model is not None:
+                model.to("cpu")
+            components.encoders[name] = None
+        model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def image_transform(self, config) -> FlowImageTransform:
+        return FlowImageTransform(config.resolution, config.center_crop, config.random_flip,
+                                  config.image_interpolation_mode)
+
+    def dataset(self, config, examples: list[data.Example], components: FlowComponents):
+        return SDXLDataset(examples, self.image_transform(config), lambda captions: self.tokenize(components, captions))
+
+    def tokenize_one(self, tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+        return tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    # ---- a training step ---------------------------------------------------------------------
+
+    def sample_latents(self, components: FlowComponents, params: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+        config = components.vae.config
+        latents = DiagonalGaussianDistribution(params).sample()
+        return ((latents - config.shift_factor) * config.scaling_factor).to(weight_dtype)
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def save_lora(self, output_dir: str | Path, models: dict[str, torch.nn.Module]) -> Path:
+        return save_lora(output_dir, self.pipeline_class, {"transformer": models["unet"]}, peft_names=True)
+
+
+class FluxFamily(FlowFamily):
+    name = "flux"
+    pipeline_class = FluxPipeline
+    transformer_class = FluxTransformer2DModel
+    tokenizer_classes = (("tokenizer", CLIPTokenizer), ("tokenizer_2", T5TokenizerFast))
+    text_encoder_classes = (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel))
+    text_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    target_modules = FLUX_TARGET_MODULES
+
+    def tokenize(self, components: FlowComponents, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {TOKEN_KEYS[0]: self.tokenize_one(components.tokenizers["tokenizer"], captions, 77),
+                TOKEN_KEYS[1]: self.tokenize_one(components.tokenizers["tokenizer_2"], captions,
+                                                 components.max_sequence_length)}
+
+    def encode_text(self, components: FlowComponents, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The script's `encode_prompt`: CLIP's pooled output, T5's last hidden state, both in
+        the first encoder's dtype."""
+        clip, t5 = components.text_encoder, components.text_encoder_2
+        pooled = clip(batch[TOKEN_KEYS[0]], output_hidden_states=False).pooler_output
+        prompt_embeds = t5(batch[TOKEN_KEYS[1]], output_hidden_states=False)[0]
+        return {"prompt_embeds": prompt_embeds.to(dtype=t5.dtype),
+                "pooled_prompt_embeds": pooled.to(dtype=clip.dtype)}
+
+    def conditioning(self, components: FlowComponents, batch, config: FluxConfig, weight_dtype) -> Conditioning:
+        conditioning = Conditioning(self.text_conditioning(components, batch))
+        if components.unet.config.guidance_embeds:
+            # The dev model's distilled guidance: one constant value per example (fp32, as the script).
+            size = conditioning["prompt_embeds"].shape[0]
+            device = conditioning["prompt_embeds"].device
+            conditioning["guidance"] = torch.tensor([config.guidance_scale], device=device).expand(size)
+        return conditioning
+
+    def predict(self, transformer, noisy_latents, timesteps, conditioning: Conditioning) -> torch.Tensor:
+        """Pack 2x2 patches with their image ids, call the transformer (timesteps / 1000, as the
+        script), unpack. `_unpack_latents(x, h * f, w * f, f)` is the script's call for any VAE
+        scale f; f = 1 spares the VAE here."""
+        batch, channels, height, width = noisy_latents.shape
+        packed = FluxPipeline._pack_latents(noisy_latents, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy_latents.device,
+                                                           noisy_latents.dtype)
+        prompt_embeds = conditioning["prompt_embeds"]
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=prompt_embeds.device, dtype=noisy_latents.dtype)
+        pred = transformer(
+            hidden_states=packed, timestep=timesteps / 1000, guidance=conditioning.get("guidance"),
+            pooled_projections=conditioning["pooled_prompt_embeds"], encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(pred, height, width, 1)
