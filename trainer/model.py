@@ -49,7 +49,7 @@ def lora_state_dicts(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, 
 
 
 def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn.Module],
-              metadata: dict[str, str] | None = None) -> Path:
+              metadata: dict[str, str] | None = None, peft_names: bool = False) -> Path:
     """Write the diffusers-format `pytorch_lora_weights.safetensors` that `pipeline_class` loads.
 
     `models` maps the pipeline's component names ("unet", "text_encoder", "text_encoder_2") to
@@ -58,7 +58,9 @@ def save_lora(output_dir: str | Path, pipeline_class, models: dict[str, torch.nn
     never taken for a finished one. `metadata` (default: the recorded run's, trainer/metadata.py)
     joins diffusers' own keys in the file's header.
     """
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(state)
+    # `peft_names`: the adapters' keys as peft names them (lora_A/lora_B), as the Flux and SD3
+    # scripts save them; SD3's loader does not read the UNet-era `lora.down` names for every module.
+    layers = {f"{name}_lora_layers": state if peft_names else convert_state_dict_to_diffusers(state)
               for name, state in lora_state_dicts(models).items()}
     # The adapter's config (alpha above all) goes into the file's metadata, so a loader applies
     # lora_alpha / rank as trained rather than assuming alpha = rank.

@@ -30,12 +30,12 @@ SDXL_SCRIPT_DEFAULTS = {"resolution": 1024, "pretrained_vae_model_name_or_path":
 def test_registry_names_the_detectable_families():
     from trainer.detect import FAMILY_NAMES
 
-    assert tuple(FAMILIES) == FAMILY_NAMES == ("sd", "sdxl")
+    assert tuple(FAMILIES) == FAMILY_NAMES == ("sd", "sdxl", "flux", "sd3")
     for name, family in FAMILIES.items():
         assert get_family(name) is family and family.name == name
         assert family.config_model is config_model(name)
-    with pytest.raises(ConfigError, match="'flux' is not a supported family"):
-        get_family("flux")
+    with pytest.raises(ConfigError, match="'pixart' is not a supported family"):
+        get_family("pixart")
     with pytest.raises(ConfigError, match="family: 'flux' is not a supported family"):
         config_model("flux")
 
