@@ -2,7 +2,7 @@
 docker-compose.yml run besides the API and the worker themselves.
 
 - `init`, the one-shot `migrate` service: the database migrations, then the demo models
-  (tiny-sd, tiny-sdxl) and the sample dataset in the data volume, each only when missing.
+  (tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3) and the sample dataset in the data volume, each only when missing.
 - `check-api`, the API's health check: GET /healthz answers 200 (database and Redis up).
 - `check-worker`, a worker's health check: this container's worker heartbeat is live in Redis
   (loraq.workers; a worker busy training still renews it from its own thread).

@@ -59,8 +59,8 @@ def ensure_redis(settings: Settings) -> subprocess.Popen | None:
 
 
 def ensure_demo_files(settings: Settings) -> Path:
-    """Generate the demo models (tiny-sd, tiny-sdxl) and a small sample dataset (a folder and a
-    zip) on first start."""
+    """Generate the demo models (tiny-sd, tiny-sdxl, tiny-flux (dev-like), tiny-sd3) and a small
+    sample dataset (a folder and a zip) on first start."""
     for name, family in DEMO_MODELS.items():
         folder = settings.demo_dir(name)
         if not (folder / "model_index.json").is_file():
@@ -120,7 +120,7 @@ def main() -> int:
         f"\nloraq is up: {url}  (dashboard: {url}/ , API docs: {url}/docs, health: {url}/healthz)\n"
         f"Every /v1 call needs the admin key the API made on its first start ({settings.data_dir / 'admin-key'}):\n"
         f"  curl -H \"Authorization: Bearer $(cat {settings.data_dir / 'admin-key'})\" -F files=@{archive} {url}/v1/datasets\n"
-        f"Then POST {url}/v1/jobs with the dataset id and base_model tiny-sd (or tiny-sdxl). "
+        f"Then POST {url}/v1/jobs with the dataset id and base_model tiny-sd (or tiny-sdxl, tiny-flux, tiny-sd3). "
         "Ctrl-C stops everything.\n",
         flush=True,
     )

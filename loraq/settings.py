@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEMO_MODEL = "tiny-sd"
 # The generated demo models (`make run` writes them under data_dir/models) and their families.
-DEMO_MODELS = {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}
+DEMO_MODELS = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 
 class Settings(BaseSettings):

@@ -39,6 +39,23 @@ def tiny_sdxl_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-sdxl-model"), family="sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    """A tiny random Flux.1-dev-shaped pipeline (trainer/tiny_flow.py), once per session; read-only.
+    Not copied by the settings fixture: a test on `tiny-flux` copies it to data_dir/models/tiny-flux."""
+    from trainer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-flux-model"), family="flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory) -> Path:
+    """A tiny random SD3-shaped pipeline, once per session; read-only (copy it to use as `tiny-sd3`)."""
+    from trainer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sd3-model"), family="sd3")
+
+
 def _pg_admin():
     import psycopg
 

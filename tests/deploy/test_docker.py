@@ -283,7 +283,8 @@ def test_compose_build_arguments_exist_in_the_dockerfile(compose):
 # loraq.deploy, the containers' init and health checks
 
 
-def test_deploy_init_migrates_and_keeps_the_demo_models(tmp_path, tiny_model, tiny_sdxl_model):
+def test_deploy_init_migrates_and_keeps_the_demo_models(tmp_path, tiny_model, tiny_sdxl_model, tiny_flux_model,
+                                                        tiny_sd3_model):
     """`init` on a fresh data volume; the demo models are the session's (generating them is
     loraq.launcher's, as for `make run`), and init leaves models that are there alone."""
     from sqlalchemy import create_engine, inspect
@@ -292,7 +293,8 @@ def test_deploy_init_migrates_and_keeps_the_demo_models(tmp_path, tiny_model, ti
     from loraq.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data")
-    for name, source in (("tiny-sd", tiny_model), ("tiny-sdxl", tiny_sdxl_model)):
+    for name, source in (("tiny-sd", tiny_model), ("tiny-sdxl", tiny_sdxl_model), ("tiny-flux", tiny_flux_model),
+                         ("tiny-sd3", tiny_sd3_model)):
         shutil.copytree(source, settings.demo_dir(name))
     stamp = (settings.demo_dir("tiny-sd") / "model_index.json").stat().st_mtime_ns
     init(settings)
