@@ -44,7 +44,10 @@ def assert_artifacts(service, job_id: str, names: set[str]) -> dict[str, dict]:
     listed = service.client.get(f"/v1/jobs/{job_id}/artifacts")
     assert listed.status_code == 200, listed.text
     artifacts = {a["name"]: a for a in listed.json()}
-    assert set(artifacts) == names, (sorted(artifacts), sorted(names))
+    # TensorBoard files (worker/tensorboard.py) are named by time and host: checked below like the
+    # rest, but not listed by the cases.
+    listed_names = {name for name in artifacts if not name.startswith("tensorboard/")}
+    assert listed_names == names, (sorted(listed_names), sorted(names))
     for name, artifact in artifacts.items():
         body = service.client.get(artifact["url"])
         assert body.status_code == 200, (name, body.text)
