@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from trainer import data
@@ -36,7 +37,9 @@ from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error
 from trainer.families.sdxl import SDXLDataset, SDXLImageTransform
 from trainer.flow_matching import FlowMatchingObjective
-from trainer.model import ModelLoadError, lora_config, save_lora
+from trainer import metadata as training_metadata
+from trainer.checkpoints import atomic_file
+from trainer.model import KOHYA_WEIGHTS_NAME, ModelLoadError, lora_config, save_lora
 
 # The script's default LoRA targets (attention and feed-forward of the double-stream blocks; the
 # single-stream blocks' attention shares the names to_q/to_k/to_v).
@@ -174,6 +177,71 @@ class FlowFamily(Family):
         return save_lora(output_dir, self.pipeline_class, {"transformer": models["unet"]}, peft_names=True)
 
 
+# diffusers' Flux modules -> (the original BFL module sd-scripts and ComfyUI name, the parts fused
+# there in order, each part's share of the fused output rows: "inner" = the attention width,
+# "mlp" = the single blocks' MLP width). Keys are relative to a (single_)transformer_blocks.{i}.
+_DOUBLE_TO_BFL = {
+    ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn.qkv",
+    ("attn.to_out.0",): "img_attn.proj",
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn.qkv",
+    ("attn.to_add_out",): "txt_attn.proj",
+    ("ff.net.0.proj",): "img_mlp.0",
+    ("ff.net.2",): "img_mlp.2",
+    ("ff_context.net.0.proj",): "txt_mlp.0",
+    ("ff_context.net.2",): "txt_mlp.2",
+    ("norm1.linear",): "img_mod.lin",
+    ("norm1_context.linear",): "txt_mod.lin",
+}
+_SINGLE_TO_BFL = {
+    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1",
+    ("proj_out",): "linear2",
+    ("norm.linear",): "modulation.lin",
+}
+
+
+def kohya_flux_state_dict(transformer: torch.nn.Module, lora_alpha: float) -> dict[str, torch.Tensor]:
+    """The transformer's adapters as sd-scripts' Flux LoRAs name them (`lora_unet_` + the BFL
+    module path, dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`),
+    which ComfyUI and Forge map onto the original checkpoint's fused modules.
+
+    Where BFL fuses several diffusers modules (q, k, v; single blocks' q, k, v and MLP in), the
+    parts' LoRAs become one of rank n * r: down = the parts' A stacked, up = their B block-diagonal
+    (a part without LoRA contributes zeros), alpha = n * alpha, so the scale alpha / rank and
+    every part's update are unchanged. diffusers' kohya-Flux loader splits it back (tested)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer)
+    modules = dict(transformer.named_modules())
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    kohya: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for prefix, count, table, bfl_prefix in (
+        ("transformer_blocks", len(transformer.transformer_blocks), _DOUBLE_TO_BFL, "double_blocks"),
+        ("single_transformer_blocks", len(transformer.single_transformer_blocks), _SINGLE_TO_BFL, "single_blocks"),
+    ):
+        for index in range(count):
+            for parts, bfl in table.items():
+                names = [f"{prefix}.{index}.{part}" for part in parts]
+                if not any(f"{name}.lora_A.weight" in state for name in names):
+                    continue
+                downs, ups = [], []
+                for name in names:
+                    linear = modules[name].base_layer if hasattr(modules[name], "base_layer") else modules[name]
+                    down = state.get(f"{name}.lora_A.weight")
+                    up = state.get(f"{name}.lora_B.weight")
+                    downs.append(down if down is not None else torch.zeros(rank, linear.in_features))
+                    ups.append(up if up is not None else torch.zeros(linear.out_features, rank))
+                    used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
+                key = f"lora_unet_{bfl_prefix}_{index}_{bfl.replace('.', '_')}"
+                kohya[f"{key}.lora_down.weight"] = torch.cat(downs, dim=0)
+                kohya[f"{key}.lora_up.weight"] = torch.block_diag(*ups)
+                kohya[f"{key}.alpha"] = torch.tensor(float(lora_alpha) * len(parts))
+    left = sorted(set(state) - used)
+    if left:  # a module chosen with lora_layers that has no place in the original naming
+        raise ValueError(f"lora_layers: no kohya (ComfyUI) name for {left[0]}")
+    return {k: v.detach().float().contiguous().cpu() for k, v in kohya.items()}
+
+
 class FluxFamily(FlowFamily):
     name = "flux"
     pipeline_class = FluxPipeline
@@ -222,3 +290,13 @@ class FluxFamily(FlowFamily):
             txt_ids=text_ids, img_ids=image_ids, return_dict=False,
         )[0]
         return FluxPipeline._unpack_latents(pred, height, width, 1)
+
+    def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
+        """The file ComfyUI and Forge load (sd-scripts' Flux naming, see kohya_flux_state_dict)."""
+        path = Path(output_dir) / KOHYA_WEIGHTS_NAME
+        tensors = kohya_flux_state_dict(models["unet"], lora_alpha)
+        header = {**training_metadata.for_file(output_dir), "ss_network_module": "networks.lora_flux",
+                  "ss_network_alpha": str(lora_alpha)}
+        with atomic_file(path) as partial:
+            save_file(tensors, str(partial), metadata=header)
+        return path
