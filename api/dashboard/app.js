@@ -8,12 +8,14 @@ import {jobPage} from './pages/job.js';
 import {jobsPage} from './pages/jobs.js';
 import {keyPage} from './pages/key.js';
 import {newJobPage} from './pages/new-job.js';
+import {workersPage} from './pages/workers.js';
 
 const ROUTES = [
   {pattern: /^\/(jobs)?$/, page: jobsPage, nav: 'jobs', title: 'Jobs'},
   {pattern: /^\/jobs\/new$/, page: newJobPage, nav: 'new', title: 'New job'},
   {pattern: /^\/jobs\/([^/]+)$/, page: jobPage, nav: 'jobs', title: 'Job'},
   {pattern: /^\/datasets$/, page: datasetsPage, nav: 'datasets', title: 'Datasets'},
+  {pattern: /^\/workers$/, page: workersPage, nav: 'workers', title: 'Workers'},
   {pattern: /^\/key$/, page: keyPage, nav: 'key', title: 'API key', public: true},
 ];
 

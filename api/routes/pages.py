@@ -37,6 +37,7 @@ def _shell() -> FileResponse:
 @router.get("/jobs")
 @router.get("/jobs/new")
 @router.get("/datasets")
+@router.get("/workers")
 @router.get("/key")
 def page() -> FileResponse:
     """Every page is the same shell; the script draws the page its path names."""

@@ -25,7 +25,7 @@ def client(tmp_path):
     return TestClient(create_app(Settings(data_dir=tmp_path)))
 
 
-@pytest.mark.parametrize("path", ["/", "/jobs", "/jobs/new", "/jobs/0123abcd", "/datasets", "/key"])
+@pytest.mark.parametrize("path", ["/", "/jobs", "/jobs/new", "/jobs/0123abcd", "/datasets", "/workers", "/key"])
 def test_every_page_is_the_shell(client, path):
     response = client.get(path)
     assert response.status_code == 200
@@ -63,7 +63,7 @@ def test_options_schema_is_the_trainers_less_what_the_service_sets(client):
 
 def test_pages_are_not_part_of_the_api_schema(client):
     paths = client.get("/openapi.json").json()["paths"]
-    pages = {"/", "/jobs", "/jobs/new", "/jobs/{job_id}", "/datasets", "/key", "/dashboard/options.json"}
+    pages = {"/", "/jobs", "/jobs/new", "/jobs/{job_id}", "/datasets", "/workers", "/key", "/dashboard/options.json"}
     assert not pages & set(paths)
 
 

@@ -50,7 +50,7 @@ export function sampleGallery(container, jobId, urls, signal) {
   };
 }
 
-const SECTIONS = [['lora', 'Final LoRA'], ['checkpoint', 'Checkpoints'], ['log', 'Training logs']];
+const SECTIONS = [['lora', 'Final LoRA'], ['checkpoint', 'Checkpoints'], ['tensorboard', 'TensorBoard'], ['log', 'Training logs']];
 
 /** The job's files (samples aside: they are in the gallery), with sizes, saved with the key. */
 export function downloadsList(container, jobId) {
@@ -68,6 +68,9 @@ export function downloadsList(container, jobId) {
           .sort((a, b) => (a.step ?? 0) - (b.step ?? 0) || a.name.localeCompare(b.name));
         return items.length ? [h('h3', {text: title}), h('ul', {class: 'files'}, items.map((a) => fileItem(jobId, a)))] : null;
       });
+      if (files.some((a) => a.kind === 'tensorboard')) sections.push([folderZip(jobId, 'tensorboard')]);
+      const lora = files.find((a) => a.kind === 'lora' && a.metadata);
+      if (lora) sections.push([h('h3', {text: 'LoRA metadata'}), metadataTable(lora.metadata)]);
       replace(container, ...sections.flat().filter(Boolean));
     },
     fail(error) {
@@ -76,7 +79,7 @@ export function downloadsList(container, jobId) {
   };
 }
 
-function fileItem(jobId, artifact) {
+function fileItem(jobId, artifact, tag = 'li') {
   const button = h('button', {type: 'button', class: 'small', text: 'Download', dataset: {artifact: artifact.name}});
   button.addEventListener('click', async () => {
     button.disabled = true;
@@ -90,11 +93,25 @@ function fileItem(jobId, artifact) {
       button.textContent = 'Download';
     }
   });
-  return h('li', {},
+  const about = artifact.sha256 === null ? 'all of the folder, as a zip' :
+    `${fmt.bytes(artifact.size)}${artifact.step !== null ? ` · step ${artifact.step}` : ''} · sha256 ${artifact.sha256.slice(0, 12)}…`;
+  return h(tag, {class: tag === 'li' ? '' : 'files folder-zip'},
     h('div', {class: 'file-name'}, h('span', {class: 'mono', text: artifact.name}),
-      h('span', {class: 'muted small', title: `sha256 ${artifact.sha256}`},
-        `${fmt.bytes(artifact.size)}${artifact.step !== null ? ` · step ${artifact.step}` : ''} · sha256 ${artifact.sha256.slice(0, 12)}…`)),
+      h('span', {class: 'muted small', title: artifact.sha256 ? `sha256 ${artifact.sha256}` : ''}, about)),
     button);
+}
+
+/** A button saving every artifact under `folder/` as one zip (GET .../artifacts/<folder>.zip). */
+function folderZip(jobId, folder) {
+  return fileItem(jobId, {name: `${folder}.zip`, size: null, step: null, sha256: null}, 'div');
+}
+
+/** A LoRA file's training metadata (kohya's ss_* and modelspec.* keys), as the file carries it. */
+export function metadataTable(metadata) {
+  const rows = Object.keys(metadata).sort().map((key) => h('tr', {},
+    h('th', {scope: 'row', class: 'mono', text: key}), h('td', {class: 'mono', text: metadata[key]})));
+  return h('details', {class: 'lora-metadata'}, h('summary', {text: `${rows.length} keys (ss_*, modelspec.*)`}),
+    h('table', {class: 'config-table'}, h('tbody', {}, rows)));
 }
 
 /** The validated options the job ran with, as a two-column table. */
