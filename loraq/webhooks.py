@@ -75,7 +75,7 @@ def url_problem(url: str, allow_private: bool) -> str | None:
         return "must not carry credentials"
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError) as error:
+    except (socket.gaierror, UnicodeError, ValueError) as error:
         return f"its host {parts.hostname!r} does not resolve ({error})"
     if not allow_private:
         blocked = sorted(a for a in addresses if _blocked(a))
