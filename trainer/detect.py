@@ -25,7 +25,7 @@ from pathlib import Path
 
 # The families the trainer trains: exactly trainer.families.FAMILIES (that module imports torch,
 # which detection must not, so the names live here and a test keeps the two equal).
-FAMILY_NAMES = ("sd", "sdxl")
+FAMILY_NAMES = ("sd", "sdxl", "flux", "sd3")
 # Every family detection recognises, supported or not.
 KNOWN_FAMILIES = ("sd", "sdxl", "flux", "sd3")
 MODEL_INDEX = "model_index.json"
@@ -52,6 +52,8 @@ SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner has b
 # model.diffusion_model. (ComfyUI's), as diffusers' single_file_utils recognises them. A Flux
 # file is usually the transformer alone; an SD3 file may carry its VAE and text encoders too.
 FLOW_SINGLE_FILE_BLOCKS = (("double_blocks.", "flux"), ("joint_blocks.", "sd3"))
+# The families whose loaders take a single file (with a config folder) today.
+SINGLE_FILE_FAMILIES = ("sd", "sdxl")
 # How a refusal names a recognised family the trainer does not train.
 FAMILY_TITLES = {"flux": "FLUX", "sd3": "Stable Diffusion 3"}
 # Checkpoints of families we do not train, recognised by a key fragment so the refusal names them.
@@ -214,6 +216,11 @@ def family_from_keys(keys: list[str], source: str | Path) -> str:
         if flow not in FAMILY_NAMES:
             raise UnsupportedModel(f"{source}: a {FAMILY_TITLES[flow]} checkpoint, not a supported family "
                                    f"(supported: {', '.join(FAMILY_NAMES)})")
+        if flow not in SINGLE_FILE_FAMILIES:
+            # Recognised, so the refusal can say what to use instead; the family's loader takes
+            # pipeline folders only (trainer/families/flux.py), so listing it would be a lie.
+            raise UnsupportedModel(f"{source}: a {FAMILY_TITLES[flow]} single-file checkpoint; the {flow} family "
+                                   "trains from a diffusers pipeline folder, not a single file")
         return flow
     for fragment, name in _OTHER_FAMILIES:
         if any(fragment in key for key in keys):

@@ -31,34 +31,34 @@ def _models(client) -> dict[str, dict]:
 
 
 def test_models_name_their_family_and_unsupported_pipelines(make_client, settings, tmp_path, sdxl_folder):
-    # given LORAQ_MODELS with an SDXL folder, a FLUX folder and a folder that is no pipeline
-    flux = pipeline_folder(tmp_path / "models" / "flux-dev", "FluxPipeline")
+    # given LORAQ_MODELS with an SDXL folder, a PixArt folder and a folder that is no pipeline
+    pixart = pipeline_folder(tmp_path / "models" / "pixart", "PixArtSigmaPipeline")
     empty = tmp_path / "models" / "empty"
     empty.mkdir()
-    client = make_client(settings.model_copy(update={"models": [str(sdxl_folder), str(flux), str(empty)]}))
+    client = make_client(settings.model_copy(update={"models": [str(sdxl_folder), str(pixart), str(empty)]}))
 
     models = _models(client)
 
     assert (models["tiny-sd"]["family"], models["tiny-sd"]["available"], models["tiny-sd"]["origin"]) == ("sd", True, "demo")
     assert (models["my-sdxl"]["family"], models["my-sdxl"]["kind"], models["my-sdxl"]["origin"]) == ("sdxl", "folder", "settings")
-    assert models["flux-dev"]["family"] is None and not models["flux-dev"]["available"]
-    assert "FluxPipeline is not a supported family (supported: sd, sdxl)" in models["flux-dev"]["problem"]
+    assert models["pixart"]["family"] is None and not models["pixart"]["available"]
+    assert "PixArtSigmaPipeline is not a supported family (supported: sd, sdxl, flux, sd3)" in models["pixart"]["problem"]
     assert "no model_index.json" in models["empty"]["problem"]
     # the demo SDXL model is listed even before it is generated, and says why it cannot train
     assert models["tiny-sdxl"]["available"] is False and "no such folder" in models["tiny-sdxl"]["problem"]
 
 
 def test_submitting_on_an_unsupported_pipeline_is_a_422_naming_it(make_client, settings, tmp_path, dataset_id):
-    flux = pipeline_folder(tmp_path / "models" / "flux-dev", "FluxPipeline")
-    client = make_client(settings.model_copy(update={"models": [str(flux)]}))
+    pixart = pipeline_folder(tmp_path / "models" / "pixart", "PixArtSigmaPipeline")
+    client = make_client(settings.model_copy(update={"models": [str(pixart)]}))
 
     for path in ("/v1/jobs", "/v1/jobs/validate"):
-        response = client.post(path, json={"dataset_id": dataset_id, "base_model": "flux-dev", "options": {}})
+        response = client.post(path, json={"dataset_id": dataset_id, "base_model": "pixart", "options": {}})
 
         assert response.status_code == 422, response.text
         message = response.json()["error"]["message"]
-        assert message.startswith("base_model: 'flux-dev' cannot be trained here:")
-        assert "FluxPipeline is not a supported family" in message
+        assert message.startswith("base_model: 'pixart' cannot be trained here:")
+        assert "PixArtSigmaPipeline is not a supported family" in message
 
 
 def test_a_wrong_family_option_is_refused_at_submit(make_client, settings, sdxl_folder, dataset_id):
@@ -159,16 +159,16 @@ def test_single_files_in_loraq_models(make_client, settings, tmp_path, sdxl_fold
      "a LoRA adapter, not a base model"),
     (lambda d: header_only_checkpoint(d / "vae.safetensors", ["encoder.conv_in.weight"]),
      "not a diffusion checkpoint: no UNet keys"),
-    (lambda d: header_only_checkpoint(d / "flux.safetensors", ["double_blocks.0.img_attn.proj.weight"]),
-     "a FLUX checkpoint, not a supported family"),
+    (lambda d: header_only_checkpoint(d / "auraflow.safetensors", ["double_layers.0.attn.w1q.weight"]),
+     "AuraFlow checkpoint, not a supported family"),
     (lambda d: d.joinpath("model.ckpt").write_bytes(b"PK\x03\x04") and d / "model.ckpt",
      "only single-file .safetensors checkpoints are accepted"),
     (lambda d: d / "missing.safetensors", "no such folder or file"),
-    (lambda d: pipeline_folder(d / "flux", "FluxPipeline"), "FluxPipeline is not a supported family"),
+    (lambda d: pipeline_folder(d / "pixart", "PixArtSigmaPipeline"), "PixArtSigmaPipeline is not a supported family"),
     (lambda d: "nobody/not-cached", "not in the local Hugging Face cache"),
     (lambda d: "x" * 900, "no such folder or file"),  # too long for the filesystem: still a 422
     (lambda d: "~nosuchuser/model", "no such folder or file"),
-], ids=["random-bytes", "lora", "vae-only", "flux-file", "ckpt", "missing", "flux-folder", "hub-not-cached",
+], ids=["random-bytes", "lora", "vae-only", "auraflow-file", "ckpt", "missing", "pixart-folder", "hub-not-cached",
         "name-too-long", "unknown-home"])
 def test_adding_what_is_no_base_model_is_refused_with_a_message(client, tmp_path, make, expected):
     source = make(tmp_path)
@@ -215,13 +215,21 @@ def test_removing_models(client, submit, sdxl_folder, tmp_path):
 def test_the_options_form_schema_is_per_family(client):
     sd = client.get("/dashboard/options.json?family=sd").json()
     sdxl = client.get("/dashboard/options.json?family=sdxl").json()
-    unknown = client.get("/dashboard/options.json?family=flux")
+    flux = client.get("/dashboard/options.json?family=flux").json()
+    sd3 = client.get("/dashboard/options.json?family=sd3").json()
+    unknown = client.get("/dashboard/options.json?family=pixart")
 
     assert (sd["family"], sdxl["family"]) == ("sd", "sdxl")
     assert "train_text_to_image_lora_sdxl.py" in sdxl["description"]  # the family config's own words
     assert "pretrained_vae_model_name_or_path" in sdxl["properties"]
     assert "pretrained_vae_model_name_or_path" not in sd["properties"]
     assert sdxl["properties"]["resolution"]["default"] == 1024 and sd["properties"]["resolution"]["default"] == 512
-    for schema in (sd, sdxl):  # what the service or the model decides is not a form field
+    # the flow-matching families offer their own options and not the DDPM ones they refuse
+    assert (flux["family"], sd3["family"]) == ("flux", "sd3")
+    assert {"weighting_scheme", "guidance_scale", "max_sequence_length"} <= flux["properties"].keys()
+    assert {"weighting_scheme", "precondition_outputs"} <= sd3["properties"].keys()
+    assert "guidance_scale" not in sd3["properties"] and "precondition_outputs" not in flux["properties"]
+    assert not {"snr_gamma", "noise_offset", "prediction_type"} & (flux["properties"].keys() | sd3["properties"].keys())
+    for schema in (sd, sdxl, flux, sd3):  # what the service or the model decides is not a form field
         assert not {"family", "pretrained_model_name_or_path", "pretrained_config_dir"} & schema["properties"].keys()
     assert unknown.status_code == 404

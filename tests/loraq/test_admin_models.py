@@ -60,14 +60,14 @@ def test_add_list_and_remove(settings, tmp_path):
 def test_what_is_no_base_model_is_refused_with_a_message(settings, tmp_path):
     random_file = tmp_path / "random.safetensors"
     random_file.write_bytes(bytes(range(256)) * 16)
-    flux = pipeline_folder(tmp_path / "flux", "FluxPipeline")
+    pixart = pipeline_folder(tmp_path / "pixart", "PixArtSigmaPipeline")
 
     not_safetensors = admin(settings, "add", str(random_file))
-    unsupported = admin(settings, "add", str(flux))
+    unsupported = admin(settings, "add", str(pixart))
     clash = admin(settings, "add", str(pipeline_folder(tmp_path / "sd", "StableDiffusionPipeline")), "--name", "tiny-sd")
 
     assert not_safetensors.returncode == 1
     assert f"source: {random_file}: not a safetensors file" in not_safetensors.stderr
-    assert unsupported.returncode == 1 and "FluxPipeline is not a supported family (supported: sd, sdxl)" in unsupported.stderr
+    assert unsupported.returncode == 1 and "PixArtSigmaPipeline is not a supported family (supported: sd, sdxl, flux, sd3)" in unsupported.stderr
     assert clash.returncode == 1 and "already exists" in clash.stderr
     assert rows(settings) == {}

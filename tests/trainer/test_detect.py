@@ -47,7 +47,7 @@ def test_sd2_single_file(tmp_path):
 @pytest.mark.parametrize(("keys", "message"), [
     ([], "holds no tensors"),
     (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "a LoRA adapter"),
-    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "a Stable Diffusion 3 checkpoint"),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "a Stable Diffusion 3 single-file checkpoint"),
     (["first_stage_model.encoder.conv_in.weight"], "no UNet keys"),
     (["model.diffusion_model.x", "conditioner.embedders.0.model.text_projection", "first_stage_model.y"], "an SDXL refiner"),
     (["model.diffusion_model.x", "first_stage_model.y"], "no text encoder keys"),
@@ -125,10 +125,16 @@ def test_flux_and_sd3_are_recognised_and_reported_once_supported(tmp_path, monke
     with pytest.raises(UnsupportedModel, match="a Stable Diffusion 3 checkpoint, not a supported family"):
         detect_family(files["sd3"][0])
 
-    # Registered, they are their families.
+    # Registered, they are their families; their single files too once the family's loader takes them.
     monkeypatch.setattr(detect, "FAMILY_NAMES", ("sd", "sdxl", "flux", "sd3"))
     assert inspect_model(flux) == detect.ModelInfo("flux", "folder", str(flux))
     assert detect_family(sd3) == "sd3"
+    for family, paths in files.items():
+        for path in paths:
+            with pytest.raises(UnsupportedModel, match=f"single-file checkpoint; the {family} family trains from a "
+                                                       "diffusers pipeline folder"):
+                detect_family(path)
+    monkeypatch.setattr(detect, "SINGLE_FILE_FAMILIES", ("sd", "sdxl", "flux", "sd3"))
     for family, paths in files.items():
         for path in paths:
             assert inspect_model(path) == detect.ModelInfo(family, "single_file", str(path))
@@ -138,6 +144,11 @@ def test_flux_and_sd3_are_recognised_and_reported_once_supported(tmp_path, monke
         detect_family(lora)
 
 
+def test_the_tiny_flow_pipelines_are_their_families(tiny_flux_model, tiny_sd3_model):
+    assert inspect_model(tiny_flux_model) == detect.ModelInfo("flux", "folder", str(tiny_flux_model))
+    assert inspect_model(tiny_sd3_model) == detect.ModelInfo("sd3", "folder", str(tiny_sd3_model))
+
+
 def test_supported_families_are_recognised_ones():
-    assert set(detect.FAMILY_NAMES) <= set(detect.KNOWN_FAMILIES)
+    assert set(detect.SINGLE_FILE_FAMILIES) <= set(detect.FAMILY_NAMES) <= set(detect.KNOWN_FAMILIES)
     assert set(detect.PIPELINE_FAMILIES.values()) == set(detect.KNOWN_FAMILIES)

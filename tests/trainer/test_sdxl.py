@@ -242,11 +242,11 @@ def test_option_of_another_family_is_refused(tiny_model, tiny_sdxl, square_data,
 
 
 def test_unsupported_pipelines_and_random_files_are_named(square_data, tmp_path):
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="FluxPipeline is not a supported family"):
-        train(load_config({"pretrained_model_name_or_path": str(flux), "train_data_dir": str(square_data),
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(ModelLoadError, match="PixArtSigmaPipeline is not a supported family"):
+        train(load_config({"pretrained_model_name_or_path": str(pixart), "train_data_dir": str(square_data),
                            "output_dir": str(tmp_path / "out")}))
     random_file = tmp_path / "random.safetensors"
     save_file({"weight": torch.randn(4, 4)}, str(random_file))
