@@ -94,9 +94,15 @@ def image_keys(folder: Path, paths: Iterable[Path], train_data_dir: str | Path |
             listing = "\n".join(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in zf.infolist())
         zip_stamp = hashlib.sha256(listing.encode()).hexdigest()[:32]
     keys = []
+    prefix = str(folder).rstrip(os.sep) + os.sep
     for path in paths:
-        rel = path.relative_to(folder).as_posix()
-        stamp = zip_stamp if zip_stamp is not None else file_stamp(path)
+        text = str(path)  # string slicing: pathlib's relative_to costs more than the stat here
+        rel = text[len(prefix):].replace(os.sep, "/") if text.startswith(prefix) else path.relative_to(folder).as_posix()
+        if zip_stamp is not None:
+            stamp = zip_stamp
+        else:
+            stat = os.stat(text)
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
         keys.append(hashlib.sha256(f"{rel}\0{stamp}".encode()).hexdigest()[:32])
     return keys
 
