@@ -88,11 +88,29 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=50)
     webhook_retry_base_s: float = Field(default=10.0, gt=0)
 
+    # Where datasets and artifacts live (loraq/object_store.py): unset, the data directory (as
+    # always); `s3://bucket/prefix`, an S3-compatible store (credentials from boto3's chain:
+    # AWS_ACCESS_KEY_ID etc.), data_dir then being each host's cache. s3_presign: downloads
+    # answer 307 to a presigned URL instead of streaming through the API.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_presign: bool = False
+    s3_presign_expires_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    s3_multipart_bytes: int = Field(default=64 * 1024**2, ge=5 * 1024**2)  # S3's smallest part: 5 MiB
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value):
         if isinstance(value, str):  # LORAQ_MODELS="org/model-a,/srv/models/b"
             return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value):
+        from loraq.object_store import parse_url  # no import cycle at module load
+
+        parse_url(value)  # ValueError naming the problem
         return value
 
     @field_validator("model_configs", mode="before")

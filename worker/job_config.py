@@ -7,12 +7,13 @@ from pathlib import Path
 
 from sqlalchemy.orm import object_session
 
-from loraq import registry, storage
+from loraq import object_store, registry, storage
 from loraq.errors import AppError
 from loraq.models import Dataset, Job
 from loraq.settings import Settings
-from trainer.checkpoints import complete_checkpoints
+from trainer.checkpoints import complete_checkpoints, is_complete
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.model import LORA_WEIGHTS_NAME
 
 log = logging.getLogger("loraq.worker")
 
@@ -37,7 +38,7 @@ def build_train_config(settings: Settings, job: Job, dataset: Dataset, attempt: 
     values = {key: value for key, value in job.config.items() if key not in SERVICE_OPTIONS}
     values.update(
         **model.trainer_values(),
-        train_data_dir=str(dataset_path(settings, dataset.storage_path)),
+        train_data_dir=str(local_dataset(settings, dataset)),
         output_dir=str(storage.attempt_dir(settings, job.id, attempt)),
         device=settings.worker_device,
         # One latent cache for every job here: a sweep over one dataset encodes it once.
@@ -50,6 +51,18 @@ def build_train_config(settings: Settings, job: Job, dataset: Dataset, attempt: 
     return load_config(values, model.family)
 
 
+def local_dataset(settings: Settings, dataset: Dataset) -> Path:
+    """The dataset's folder on this host: with an object store, its copy in this host's data
+    directory (pulled once, then reused by every job on it); else where the API stored it."""
+    store = object_store.from_settings(settings)
+    if store is None:
+        return dataset_path(settings, dataset.storage_path)
+    try:
+        return object_store.pull_dataset(settings, store, dataset.id, storage.dataset_dir(settings, dataset.id))
+    except FileNotFoundError as error:
+        raise ConfigError(f"train_data_dir: {error}") from None
+
+
 def dataset_path(settings: Settings, storage_path: str) -> Path:
     """The dataset's folder (or zip), which must lie inside the data directory."""
     try:  # an absolute path replaces the root in the join, and is then checked the same way
@@ -59,12 +72,17 @@ def dataset_path(settings: Settings, storage_path: str) -> Path:
 
 
 def resume_checkpoint(settings: Settings, job_id: str, attempt: int) -> Path | None:
-    """The furthest complete checkpoint any attempt of this job (up to `attempt`) left behind."""
+    """The furthest complete checkpoint any attempt of this job (up to `attempt`) left behind
+    (with an object store, pulled from it when it is further than what this host has)."""
     found = [
         (_step(path), number, path)
         for number in range(1, attempt + 1)
         for path in complete_checkpoints(storage.attempt_dir(settings, job_id, number))
     ]
+    pulled = object_store.pull_checkpoint(settings, job_id, attempt, storage.attempt_dir, LORA_WEIGHTS_NAME,
+                                          max(found)[0] if found else -1)
+    if pulled is not None and is_complete(pulled):
+        return pulled
     return max(found)[2] if found else None
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraq import events, storage
+from loraq import events, object_store, storage
 from loraq.jobs import transition
 from loraq.models import Artifact, ArtifactKind, Job, JobEvent, JobMetric, JobState, utcnow
 from loraq.settings import Settings
@@ -242,6 +242,8 @@ class Recorder:
         if (within or self.attempt_dir) not in path.parents or not path.is_file():
             log.warning("job.artifact_missing job=%s name=%s path=%s", self.job_id, name, path)
             return None
+        if within is None:  # with an object store, pushed as written (a checkpoint's whole folder)
+            object_store.push(self.settings, path, LORA_WEIGHTS_NAME if kind == ArtifactKind.checkpoint else None)
         return {"job_id": self.job_id, "kind": kind.value, "name": name, "path": str(path),
                 "size": path.stat().st_size, "sha256": storage.sha256_file(path), "step": step}
 

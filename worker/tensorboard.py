@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraq import storage
+from loraq import object_store, storage
 from loraq.models import Artifact
 from loraq.settings import Settings
 
@@ -96,6 +96,7 @@ def record_artifacts(settings: Settings, sessions: sessionmaker[Session], job_id
             name = f"{FOLDER}/attempt-{attempt}/{path.name}"
             if name in known:
                 continue
+            object_store.push(settings, path)  # no-op on the local data directory
             session.add(Artifact(job_id=job_id, kind=KIND, name=name, path=str(path.resolve()),
                                  size=path.stat().st_size, sha256=storage.sha256_file(path), step=None))
             added += 1
