@@ -11,26 +11,36 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from api.deps import OwnedJob, SessionDep, SettingsDep
 from api.schemas import ERRORS, ArtifactOut
-from api.services import artifact_extras
+from api.services import artifact_extras, artifact_objects
 from api.services import jobs as service
+from loraq import object_store
 from loraq.errors import NotFound
 
 router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
 
 
 @router.get("", responses=ERRORS)
-def list_artifacts(job: OwnedJob, session: SessionDep) -> list[ArtifactOut]:
+def list_artifacts(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> list[ArtifactOut]:
     """Every artifact; a LoRA file (final or a checkpoint's) also shows its training metadata."""
+    store = object_store.from_settings(settings)
+
+    def metadata(a):
+        if not artifact_extras.is_lora(a):
+            return None
+        return artifact_objects.lora_metadata(store, job, a) if store else artifact_extras.lora_metadata(Path(a.path))
+
     return [ArtifactOut(kind=a.kind, name=a.name, size=a.size, sha256=a.sha256, step=a.step,
-                        url=f"/v1/jobs/{job.id}/artifacts/{quote(a.name)}",
-                        metadata=artifact_extras.lora_metadata(Path(a.path)) if artifact_extras.is_lora(a) else None)
+                        url=f"/v1/jobs/{job.id}/artifacts/{quote(a.name)}", metadata=metadata(a))
             for a in service.list_artifacts(session, job)]
 
 
 @router.get("/{name:path}", response_class=FileResponse, responses=ERRORS)
 def download_artifact(job: OwnedJob, name: str, session: SessionDep, settings: SettingsDep):
     """The artifact's bytes (looked up by name in the job's artifact list, never used as a path),
-    or for `<folder>.zip` a zip of the artifacts under that folder."""
+    or for `<folder>.zip` a zip of the artifacts under that folder. With an object store: streamed
+    from it, or a 307 to a presigned URL (LORAQ_S3_PRESIGN)."""
+    if (store := object_store.from_settings(settings)) is not None:
+        return artifact_objects.download(session, store, job, name)
     try:
         artifact, path, media_type = service.artifact_file(session, settings, job, name)
     except NotFound:

@@ -30,7 +30,7 @@ from api.services.dataset_report import build_report, caption_preview
 from api.services.quotas import check_storage, check_storage_room, serialize
 from api.services.uploads import Upload, UploadedFile
 from loraq.auth import Principal
-from loraq import storage
+from loraq import object_store, storage
 from loraq.errors import BadRequest, Conflict, Invalid, NotFound, TooLarge, UnsupportedMedia
 from loraq.models import Dataset, Job, new_id
 from loraq.settings import Settings
@@ -85,8 +85,11 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
     final = storage.dataset_dir(settings, dataset_id)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(root, final)
+    store = object_store.from_settings(settings)
     try:
         total_bytes = sum(path.stat().st_size for path in _files(final))
+        if store is not None:  # the store is the truth; this folder stays as this host's cache
+            store.put_folder(final, f"datasets/{dataset_id}")
         dataset = Dataset(
             id=dataset_id, owner=owner, name=upload.name or _default_name(upload, dataset_id),
             image_count=report.image_count, captioned_count=report.captioned_count,
@@ -104,12 +107,14 @@ def create_dataset(session: Session, settings: Settings, owner: str, upload: Upl
             existing_id = existing.id
             session.rollback()
             shutil.rmtree(final, ignore_errors=True)
+            object_store.remove(settings, f"datasets/{dataset_id}")
             return session.get(Dataset, existing_id), True
         check_storage(session, settings, owner, total_bytes)
         session.commit()
     except BaseException:
         session.rollback()
         shutil.rmtree(final, ignore_errors=True)
+        object_store.remove(settings, f"datasets/{dataset_id}")
         raise
     return dataset, False
 
@@ -121,8 +126,9 @@ def find_reusable(session: Session, settings: Settings, owner: str, content: str
     query = select(Dataset).where(Dataset.owner == owner, Dataset.content_hash == content)
     if exclude is not None:
         query = query.where(Dataset.id != exclude)
+    store = object_store.from_settings(settings)
     for dataset in session.scalars(query.order_by(Dataset.created_at, Dataset.id)):
-        if storage.dataset_dir(settings, dataset.id).is_dir():
+        if store.exists_prefix(f"datasets/{dataset.id}") if store else storage.dataset_dir(settings, dataset.id).is_dir():
             return dataset
     return None
 
@@ -359,10 +365,15 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
         session.rollback()
         raise Conflict(f"dataset {dataset.id} could not be deleted: it is in use") from error
     shutil.rmtree(storage.dataset_dir(settings, dataset.id), ignore_errors=True)
+    object_store.remove(settings, f"datasets/{dataset.id}")
 
 
 def require_thumbnail(settings: Settings, dataset: Dataset, n: int) -> Path:
     path = thumbnail_path(settings, dataset.id, n)
+    store = object_store.from_settings(settings)
+    if store is not None and not path.is_file() and n < dataset.report.get("preview", {}).get("thumbnails", 0):
+        # Uploaded through another API host: fetch it into this host's cache once.
+        store.get_file(object_store.relative(settings, path), path)
     if not path.is_file():
         raise NotFound(f"dataset {dataset.id} has no thumbnail {n}")
     return path

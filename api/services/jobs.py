@@ -24,7 +24,7 @@ from api.deps import load_dataset, visible
 from api.services.models import resolve_for_job
 from api.services.quotas import check_queued_jobs
 from api.schemas import JobCreate, JobOut, WebhookDeliveryOut
-from loraq import events, storage, webhooks
+from loraq import events, object_store, storage, webhooks
 from loraq.auth import Principal
 from loraq.errors import Conflict, Invalid, NotFound
 from loraq.jobs import transition
@@ -198,8 +198,10 @@ def _after_commit(redis, celery: Celery | None, new_events: list[JobEvent], job_
 # Reading
 
 
+# Plain strings: an enum member's .value costs a descriptor call, and pages compare every row.
+QUEUED, RUNNING, SUCCEEDED = JobState.queued.value, JobState.running.value, JobState.succeeded.value
 _QUEUE_ORDER = tuple_(Job.queued_at, Job.id)
-_QUEUED = Job.state == JobState.queued.value
+_QUEUED = Job.state == QUEUED
 
 
 def _queue_key(name: str):
@@ -235,7 +237,7 @@ def queue_positions(session: Session, jobs) -> dict[str, int]:
     oldest to the newest in queue order (on an unfiltered page exactly these jobs; a filtered
     page's may interleave with others'). Loading every queued id per request, as before, cost
     seconds with 10,000 queued."""
-    queued = sorted((job for job in jobs if job.state == JobState.queued.value), key=lambda job: (job.queued_at, job.id))
+    queued = sorted((job for job in jobs if job.state == QUEUED), key=lambda job: (job.queued_at, job.id))
     if not queued:
         return {}
     first, last = queued[0], queued[-1]
@@ -269,7 +271,7 @@ def job_speed(session: Session, job: Job) -> tuple[float | None, float | None]:
 def job_speeds(session: Session, jobs) -> dict[str, tuple[float | None, float | None]]:
     """`job_speed` of each running job among `jobs` (Job objects or rows), in one query whatever
     their number."""
-    running = {job.id: job for job in jobs if job.state == JobState.running.value and job.step > 0}
+    running = {job.id: job for job in jobs if job.state == RUNNING and job.step > 0}
     if not running:
         return {}
     ends: dict[str, list] = {}
@@ -288,12 +290,12 @@ def job_speeds(session: Session, jobs) -> dict[str, tuple[float | None, float | 
 
 def _job_fields(job, position: int | None, speed: tuple[float | None, float | None]) -> dict:
     """JobOut's fields but `config`, from a Job or a row of its columns."""
-    if job.state == JobState.succeeded.value:
+    if job.state == SUCCEEDED:
         progress = 1.0
     else:
         progress = min(job.step / job.total_steps, 1.0) if job.total_steps else 0.0
     return dict(
-        id=job.id, name=job.name, state=JobState(job.state), step=job.step, total_steps=job.total_steps,
+        id=job.id, name=job.name, state=job.state, step=job.step, total_steps=job.total_steps,
         progress=progress, last_loss=job.last_loss, dataset_id=job.dataset_id, base_model=job.base_model,
         queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
         error=job.error, attempt=job.attempt, worker=job.worker, queue_position=position,
@@ -314,10 +316,12 @@ def show_job(session: Session, job: Job) -> JobOut:
     return out
 
 
-# A listed job's columns, with its config as the JSON text the database holds: decoding 50
-# configs, validating and encoding them again was a third of a page's time.
-_LIST_COLUMNS = [column for column in Job.__table__.columns if column.name != "config"] + [
-    cast(Job.config, Text).label("config_json")]
+# The columns a listed job shows, its config as the JSON text the database holds: decoding 50
+# configs, validating and encoding them again was a third of a page's time (and each column
+# read, a datetime above all, is converted in Python).
+_LIST_COLUMNS = [Job.id, Job.name, Job.state, Job.step, Job.total_steps, Job.last_loss, Job.dataset_id,
+                 Job.base_model, Job.queued_at, Job.started_at, Job.finished_at, Job.error, Job.attempt,
+                 Job.worker, cast(Job.config, Text).label("config_json")]
 
 
 def _listed_job_json(row, position: int | None, speed: tuple[float | None, float | None]) -> str:
@@ -441,6 +445,7 @@ def delete_job(session: Session, settings: Settings, redis, job: Job) -> None:
         raise Conflict(f"job {job.id} changed state meanwhile; try again")
     session.commit()
     shutil.rmtree(storage.job_dir(settings, job.id), ignore_errors=True)
+    object_store.remove(settings, f"jobs/{job.id}")
     try:
         redis.delete(events.stream_key(job.id), cancel_key(job.id))
     except redis_lib.RedisError as error:
