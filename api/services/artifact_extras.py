@@ -24,10 +24,12 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors' own cap on a header
 def folder_zip(session: Session, settings: Settings, job: Job, name: str):
     """A temporary zip of every artifact under `folder/` for `folder.zip`, or NotFound."""
     folder = name.removesuffix(".zip")
+    if "\x00" in name or not name.endswith(".zip") or not folder:  # PostgreSQL refuses NUL in text
+        raise NotFound(f"job {job.id} has no artifact {name!r}")
     names = session.scalars(select(Artifact.name).where(Artifact.job_id == job.id,
                                                          Artifact.name.startswith(folder + "/", autoescape=True))
                             .order_by(Artifact.name)).all()
-    if not name.endswith(".zip") or not folder or not names:
+    if not names:
         raise NotFound(f"job {job.id} has no artifact {name!r}")
     spool = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
     with zipfile.ZipFile(spool, "w", zipfile.ZIP_DEFLATED) as archive:
