@@ -112,7 +112,8 @@ class ObjectStore:
 
     def delete_prefix(self, rel_prefix: str) -> int:
         """Remove every object under `rel_prefix/`; returns how many."""
-        keys = [self.key(rel) for rel, _ in self.list(rel_prefix)]
+        base = rel_prefix.rstrip("/")
+        keys = [self.key(f"{base}/{rel}") for rel, _ in self.list(rel_prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys at most
             self.client.delete_objects(Bucket=self.bucket, Delete={
                 "Objects": [{"Key": key} for key in keys[start:start + 1000]], "Quiet": True})

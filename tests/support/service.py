@@ -86,9 +86,9 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def launch(settings, logs: Path, python: str = sys.executable) -> Service:
+def launch(settings, logs: Path, python: str = sys.executable, worker_env: dict | None = None) -> Service:
     """Start the API on a free port and one worker (`worker-1.log`) with `python`; return once both
-    answer."""
+    answer. `worker_env` overrides the worker's environment (e.g. its own LORAQ_DATA_DIR)."""
     logs.mkdir()
     env = service_env(settings)
     port = free_port()
@@ -97,7 +97,7 @@ def launch(settings, logs: Path, python: str = sys.executable) -> Service:
          "--port", str(port), *API_FLAGS], cwd=ROOT, env=env,
         stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT,
     )
-    worker = start_worker(env, logs, "worker-1", python)
+    worker = start_worker({**env, **(worker_env or {})}, logs, "worker-1", python)
     url = f"http://127.0.0.1:{port}"
     running = Service(url, httpx.Client(base_url=url, timeout=30), api, worker, logs, env, [worker], python=python)
     deadline = time.monotonic() + 90
