@@ -7,7 +7,7 @@
 #   make demo    a short training from the command line on a tiny generated model and dataset
 #   make test    start PostgreSQL and Redis if needed (and install Chromium for the dashboard's
 #                browser tests), then run the test suite
-#   make bench   run the trainer and service benchmarks and update BENCHMARKS.md
+#   make bench   run the trainer, flow-matching and service benchmarks and update BENCHMARKS.md
 #   make clean   remove var/ and caches (keeps .venv)
 
 PYTHON_SYSTEM ?= python3
@@ -100,6 +100,7 @@ test: setup services chromium
 
 bench: setup services
 	$(PY) -m bench.trainer
+	$(PY) -m bench.flow
 	$(PY) -m bench.service
 
 clean:
