@@ -55,8 +55,8 @@ TOKEN_KEYS = ("input_ids", "input_ids_2")  # CLIP's, T5's
 class FlowImageTransform(SDXLImageTransform):
     """The DreamBooth scripts' order (resize, flip drawn as SDXL's, crop), pixels only."""
 
-    def __call__(self, image, flip: bool | None = None) -> torch.Tensor:
-        return super().__call__(image, flip)["pixel_values"]
+    def __call__(self, image, flip: bool | None = None) -> dict[str, torch.Tensor]:
+        return {"pixel_values": super().__call__(image, flip)["pixel_values"]}
 
 
 @dataclass
@@ -267,7 +267,8 @@ class FluxFamily(FlowFamily):
 
     def conditioning(self, components: FlowComponents, batch, config: FluxConfig, weight_dtype) -> Conditioning:
         conditioning = Conditioning(self.text_conditioning(components, batch))
-        if components.unet.config.guidance_embeds:
+        transformer = getattr(components.unet, "module", components.unet)  # unwrapped from DDP
+        if transformer.config.guidance_embeds:
             # The dev model's distilled guidance: one constant value per example (fp32, as the script).
             size = conditioning["prompt_embeds"].shape[0]
             device = conditioning["prompt_embeds"].device
