@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -380,8 +381,24 @@ class Supervisor:
         """Stop the child now and leave the job to its lease (the reaper's rules apply)."""
         self.process.kill()
         self._remove_incomplete()
+        self._forget_unrecorded_checkpoints()
         log.warning("job.abandoned job=%s attempt=%s: %s; %s", self.job_id, self.attempt, why, what)
         return Outcome.abandoned
+
+    def _forget_unrecorded_checkpoints(self) -> None:
+        """A checkpoint whose events never reached the database would let the next attempt resume
+        past the last recorded step, leaving a gap in the job's metrics: remove it, so the next
+        attempt resumes from the newest recorded one and trains those steps again."""
+        self._pending.extend(self.process.poll(0))  # the child is gone: what it wrote last
+        attempt_dir = self.recorder.attempt_dir.resolve()
+        checkpoints = [path for event in self._pending if event.get("type") == "checkpoint"
+                       for path in event.get("paths") or []]
+        for path in checkpoints:
+            folder = Path(path).resolve()
+            if attempt_dir in folder.parents:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("job.unrecorded_checkpoint_removed job=%s attempt=%s path=%s", self.job_id,
+                         self.attempt, folder.name)
 
     # -- shutdown --------------------------------------------------------------------------------
 
