@@ -1,0 +1,186 @@
+"""The SD3 family on the tiny SD3 model: `train_dreambooth_lora_sd3.py`'s flow-matching inputs,
+preconditioned target and weighting computed independently, its prompt encoding, refusals,
+lora_blocks, same seed = cache on = off, freed text encoders, resume, and the LoRA that
+StableDiffusion3Pipeline loads."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from safetensors.torch import load_file
+
+from trainer import loop
+from trainer.config import ConfigError, load_config
+from trainer.events import Event
+from trainer.loop import draw_inputs, optimize, setup, train
+from trainer.sample_data import write_sample_dataset
+
+
+@pytest.fixture(scope="module")
+def square_data(tmp_path_factory) -> Path:
+    return write_sample_dataset(tmp_path_factory.mktemp("square") / "data", n_images=4, size=32)
+
+
+def sd3_config(model: Path, data_dir: Path, output_dir: Path, **options):
+    values = dict(
+        pretrained_model_name_or_path=str(model), train_data_dir=str(data_dir), output_dir=str(output_dir),
+        resolution=32, train_batch_size=2, seed=0, checkpointing_steps=1000, max_train_steps=3,
+        max_sequence_length=16, lr_warmup_steps=0, device="cpu",
+    )
+    return load_config({**values, **options}, "sd3")
+
+
+@pytest.mark.parametrize("scheme,precondition", [("logit_normal", True), ("cosmap", False), ("sigma_sqrt", True)])
+def test_flow_matching_inputs_target_and_weighting_are_the_scripts(scheme, precondition, tiny_sd3_model,
+                                                                  square_data, tmp_path):
+    run = setup(sd3_config(tiny_sd3_model, square_data, tmp_path, weighting_scheme=scheme,
+                           precondition_outputs=precondition, cache_latents=False))
+    batch = next(iter(run.dataloader))
+    state = torch.get_rng_state()
+    latents, noise, timesteps, conditioning = draw_inputs(run, batch)
+    objective, config = run.objective, run.config
+    noisy = objective.noisy_input(latents, noise, timesteps)
+    with torch.no_grad():
+        prediction = objective.prediction(run.family.predict(run.unet, noisy, timesteps, conditioning), noisy, timesteps)
+    target = objective.target(latents, noise, timesteps)
+    loss = objective.loss(prediction, target, timesteps)
+
+    # The script's step, written out.
+    vae, scheduler = run.components.vae, run.components.noise_scheduler
+    torch.set_rng_state(state)
+    with torch.no_grad():
+        model_input = vae.encode(batch["pixel_values"]).latent_dist.sample()
+        model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+        script_noise = torch.randn_like(model_input)
+        u = compute_density_for_timestep_sampling(weighting_scheme=scheme, batch_size=2, logit_mean=config.logit_mean,
+                                                  logit_std=config.logit_std, mode_scale=config.mode_scale)
+        script_timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
+        indices = [(scheduler.timesteps == t).nonzero().item() for t in script_timesteps]
+        sigmas = scheduler.sigmas[indices].flatten().reshape(-1, 1, 1, 1)
+        script_noisy = (1.0 - sigmas) * model_input + sigmas * script_noise
+        model_pred = run.unet(hidden_states=script_noisy, timestep=script_timesteps,
+                              encoder_hidden_states=conditioning["prompt_embeds"],
+                              pooled_projections=conditioning["pooled_prompt_embeds"], return_dict=False)[0]
+        if precondition:
+            model_pred = model_pred * (-sigmas) + script_noisy
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+        script_target = model_input if precondition else script_noise - model_input
+        script_loss = torch.mean(
+            (weighting.float() * (model_pred.float() - script_target.float()) ** 2).reshape(2, -1), 1).mean()
+
+    for name, ours, theirs in (("latents", latents, model_input), ("noise", noise, script_noise),
+                               ("timesteps", timesteps, script_timesteps), ("noisy", noisy, script_noisy),
+                               ("prediction", prediction, model_pred), ("target", target, script_target),
+                               ("weighting", objective.weighting(timesteps, latents), weighting)):
+        assert torch.equal(ours, theirs), name
+    assert torch.equal(loss, script_loss)
+    # SD3's scheduler shifts its grid (shift 3): sigmas above the plain t / 1000.
+    assert (sigmas.flatten() >= script_timesteps / 1000 - 1e-6).all()
+    step_loss, _ = optimize(run, latents, noise, timesteps, conditioning)
+    assert np.isfinite(step_loss)
+
+
+def test_the_prompt_encoding_is_the_scripts(tiny_sd3_model, square_data, tmp_path):
+    """Both CLIPs' penultimate states side by side, padded to T5's width, T5's states after them;
+    the pooled conditioning is both CLIPs' projections side by side."""
+    run = setup(sd3_config(tiny_sd3_model, square_data, tmp_path, cache_latents=False))
+    batch = next(iter(run.dataloader))
+    c = run.components
+    encoded = run.family.encode_text(c, batch)
+    with torch.no_grad():
+        one = c.text_encoder(batch["input_ids"], output_hidden_states=True)
+        two = c.text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+        t5 = c.text_encoder_3(batch["input_ids_3"])[0]
+    clip = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    assert torch.equal(encoded["prompt_embeds"], torch.cat([clip, t5], dim=-2))
+    assert encoded["prompt_embeds"].shape[1] == 77 + 16
+    assert torch.equal(encoded["pooled_prompt_embeds"], torch.cat([one[0], two[0]], dim=-1))
+
+
+def test_options_defaults_and_refusals(tiny_sd3_model, square_data, tmp_path):
+    base = {"pretrained_model_name_or_path": "m", "train_data_dir": "d"}
+    config = load_config(base, "sd3")
+    assert (config.weighting_scheme, config.precondition_outputs, config.max_sequence_length,
+            config.adam_weight_decay) == ("logit_normal", True, 77, 1e-4)
+    with pytest.raises(ConfigError, match="weighting_scheme: Input should be"):
+        load_config({**base, "weighting_scheme": "cosine"}, "sd3")
+    with pytest.raises(ConfigError, match="snr_gamma is not an option of the sd3 family"):
+        load_config({**base, "snr_gamma": 5}, "sd3")
+    with pytest.raises(ConfigError, match="guidance_scale is not an option of the sd3 family"):
+        load_config({**base, "guidance_scale": 3.5}, "sd3")
+    # lora_blocks: only those transformer blocks get LoRA.
+    run = setup(sd3_config(tiny_sd3_model, square_data, tmp_path, lora_blocks="1"))
+    adapted = {n for n, _ in run.unet.named_parameters() if ".lora_A." in n}
+    assert adapted and all(n.startswith("transformer_blocks.1.") for n in adapted)
+
+
+def test_same_seed_same_losses_cache_on_equals_off_and_text_encoders_freed(tiny_sd3_model, square_data, tmp_path):
+    first = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "a", cache_latents=False))
+    second = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "b", cache_latents=False))
+    cached = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "c", cache_latents=True))
+    assert len(first.losses) == 3 and first.losses == second.losses == cached.losses
+
+    run = setup(sd3_config(tiny_sd3_model, square_data, tmp_path / "d", cache_latents=True))
+    refs = [weakref.ref(model) for model in run.family.text_encoders(run.components).values()]
+    assert len(refs) == 3
+    loop._release_text_encoders(run)
+    gc.collect()
+    assert all(ref() is None for ref in refs) and run.family.text_encoders(run.components) == {}
+    assert np.isfinite(optimize(run, *draw_inputs(run, next(iter(run.dataloader))))[0])
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_sd3_model, square_data, tmp_path):
+    common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True)
+    full = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "full", **common))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(event: Event) -> None:
+        if event.type == "step" and event.step == 3:
+            raise Crash("simulated crash")
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Crash):
+        train(sd3_config(tiny_sd3_model, square_data, interrupted, **common), crash)
+    resumed = train(sd3_config(tiny_sd3_model, square_data, interrupted, resume_from_checkpoint="latest", **common))
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-6)
+    a, b = load_file(str(resumed.lora_path)), load_file(str(full.lora_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_lora_loads_into_the_sd3_pipeline_and_changes_the_output(tiny_sd3_model, square_data, tmp_path):
+    result = train(sd3_config(tiny_sd3_model, square_data, tmp_path, learning_rate=5e-2, validation_prompt="a red circle",
+                              num_validation_images=1, validation_inference_steps=2))
+    assert len(result.validation_images) == 3 and "final-step-000003-0.png" in result.validation_images[-1]
+    weights = load_file(str(result.lora_path))
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    assert any(".attn.to_q.lora_A." in k for k in weights) and any(".attn.add_k_proj.lora_B." in k for k in weights)
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        generator = torch.Generator().manual_seed(0)
+        return pipeline("a red circle", num_inference_steps=2, generator=generator, height=32, width=32,
+                        max_sequence_length=16, output_type="np").images
+
+    before = render()
+    pipeline.load_lora_weights(str(tmp_path))
+    # Every adapter in the file reached the transformer (none skipped as unknown names).
+    loaded = {n for n, _ in pipeline.transformer.named_parameters() if ".lora_A." in n}
+    assert len(loaded) == len([k for k in weights if ".lora_A." in k])
+    after = render()
+    assert abs(after - before).max() > 1e-3
+    pipeline.unload_lora_weights()
+    np.testing.assert_allclose(render(), before, atol=1e-6)
