@@ -46,7 +46,7 @@ SECTION = "flow"
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
 DEFAULT_DIFFUSERS = Path("/work/.mirror/huggingface+diffusers/repo")
-DEFAULT_SCRIPT_DEPS = Path("/tmp/scriptdeps")
+DEFAULT_SCRIPT_DEPS = Path("/tmp/flowdeps")
 SCRIPT_PATH = "examples/dreambooth/train_dreambooth_lora_flux.py"
 SHAPES = ("tiny", "mid")
 THREADS = 1
@@ -131,11 +131,11 @@ def run_script(spec: dict) -> dict:
     """The unmodified diffusers script in this process, timed by a global optimizer-step hook."""
     import runpy
 
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     sys.path.append(spec["deps"])  # torchvision, datasets: after the venv's own packages
     times: list[float] = []
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *args: times.append(time.perf_counter()))
+    register_optimizer_step_post_hook(lambda *args: times.append(time.perf_counter()))
     sys.argv = [spec["script"], *spec["args"]]
     started = time.perf_counter()
     runpy.run_path(spec["script"], run_name="__main__")
@@ -216,17 +216,50 @@ def _numel(shape) -> int:
     return n
 
 
+def find_script(diffusers: Path, tmp: Path) -> Path | None:
+    """The Flux script from a diffusers work tree, or read out of a bare clone (the fetched
+    mirror) into `tmp` as it is; it imports nothing from its own folder."""
+    if (diffusers / SCRIPT_PATH).is_file():
+        return diffusers / SCRIPT_PATH
+    out = tmp / Path(SCRIPT_PATH).name
+    if out.is_file():
+        return out
+    proc = subprocess.run(["git", "--git-dir", str(diffusers), "show", f"HEAD:{SCRIPT_PATH}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    out.write_text(proc.stdout, encoding="utf-8")
+    return out
+
+
+def script_commit(diffusers: Path) -> str:
+    proc = subprocess.run(["git", "--git-dir", str(diffusers), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        proc = subprocess.run(["git", "-C", str(diffusers), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True)
+    return proc.stdout.strip() or "unknown"
+
+
 def make_dataset(folder: Path, count: int, size: int) -> Path:
-    """Captioned images with sidecar .txt files (the trainer) and a metadata.jsonl (the script's
-    imagefolder), the same captions in both."""
+    """Captioned images with sidecar .txt files (the trainer), and beside them in
+    `<folder>-imagefolder` the same images with a metadata.jsonl (the script's `datasets`
+    imagefolder; .txt files there would make it a text dataset), the same captions in both."""
     from trainer.sample_data import write_sample_dataset
 
     write_sample_dataset(folder, n_images=count, size=size)
-    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as out:
+    imagefolder = script_dataset(folder)
+    imagefolder.mkdir()
+    with open(imagefolder / "metadata.jsonl", "w", encoding="utf-8") as out:
         for image in sorted(p for p in folder.iterdir() if p.suffix == ".png"):
             caption = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            (imagefolder / image.name).write_bytes(image.read_bytes())
             out.write(json.dumps({"file_name": image.name, "text": caption}) + "\n")
     return folder
+
+
+def script_dataset(folder: Path) -> Path:
+    return folder.with_name(folder.name + "-imagefolder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +274,8 @@ def trainer_config(model: Path, data: Path, out: Path, sizes: dict, **options) -
 
 
 def script_args(model: Path, data: Path, out: Path, sizes: dict) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--dataset_name", str(data), "--caption_column", "text",
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_name", str(script_dataset(data)),
+            "--caption_column", "text",
             "--instance_prompt", "a photo", "--output_dir", str(out), "--resolution", str(sizes["resolution"]),
             "--train_batch_size", str(sizes["batch"]), "--max_train_steps", str(sizes["steps"]),
             "--max_sequence_length", str(sizes["tokens"]), "--seed", "0", "--rank", "4", "--learning_rate", "1e-4",
@@ -272,10 +306,10 @@ def bench_shape(name: str, args, tmp: Path, sizes: dict) -> tuple[list[str], dic
     print(f"bench.flow: {name} floor: trainer {floor['trainer_s'] * 1000:.1f} ms, floor {floor['floor_s'] * 1000:.1f} ms",
           file=sys.stderr, flush=True)
     script, why_not = None, None
-    diffusers_script = args.diffusers / SCRIPT_PATH
+    diffusers_script = find_script(args.diffusers, tmp)
     if args.no_script or args.quick:
         why_not = "not run (--no-script or --quick)"
-    elif not diffusers_script.is_file():
+    elif diffusers_script is None:
         why_not = f"not run: no diffusers checkout at {args.diffusers} (--diffusers)"
     elif not (args.script_deps / "torchvision").is_dir() or not (args.script_deps / "datasets").is_dir():
         why_not = f"not run: torchvision and datasets not found in {args.script_deps} (--script-deps)"
@@ -295,7 +329,7 @@ def bench_shape(name: str, args, tmp: Path, sizes: dict) -> tuple[list[str], dic
             f"| | floor (paired with a cached run: trainer {floor['trainer_s'] * 1000:.1f} ms, "
             f"**{floor['ratio']:.2f}x**) | {floor['floor_s'] * 1000:.1f} | 1.00x | {floor['peak_mib']:.0f} |"]
     if script:
-        rows.append(f"| | diffusers script, unmodified | {script['step_s'] * 1000:.1f} | "
+        rows.append(f"| | diffusers script, unmodified (at {script_commit(args.diffusers)}) | {script['step_s'] * 1000:.1f} | "
                     f"{script['step_s'] / floor['floor_s']:.2f}x | {script['peak_mib']:.0f} |")
     else:
         rows.append(f"| | diffusers script | {why_not} | | |")
