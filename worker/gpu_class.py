@@ -14,7 +14,7 @@ NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 def gpu_class(device: str, gpus_dir: Path = NVIDIA_GPUS) -> str:
     """`cpu` when the worker trains on the CPU (by setting, or no NVIDIA GPU found); else the first
-    GPU's model as a short name (`NVIDIA H100 80GB HBM3` -> `h100-80gb-hbm3`)."""
+    GPU's model as a short name (`NVIDIA H100 80GB HBM3` -> `h100-80gb-hbm3`, `... RTX 4090` -> `4090`)."""
     if device == "cpu":
         return "cpu"
     try:
@@ -25,6 +25,6 @@ def gpu_class(device: str, gpus_dir: Path = NVIDIA_GPUS) -> str:
     match = re.search(r"^Model:\s*(.+)$", text, re.MULTILINE)
     if not match:
         return "cpu"
-    name = re.sub(r"^(nvidia|geforce|tesla)\s+", "", match.group(1).strip(), flags=re.IGNORECASE)
-    name = re.sub(r"^(geforce|rtx)\s+", "", name, flags=re.IGNORECASE)
+    # Vendor and line words say nothing a scheduler needs: `NVIDIA GeForce RTX 4090` -> `4090`.
+    name = re.sub(r"^((nvidia|geforce|tesla|rtx)\s+)+", "", match.group(1).strip(), flags=re.IGNORECASE)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
