@@ -62,8 +62,9 @@ class ServiceUnavailable(AppError):
 
 
 def unavailable_store(error: BaseException) -> str | None:
-    """`database` or `redis` when `error` (or one it was raised from) says that store cannot be
+    """`database`, `redis` or `object store` when `error` (or one it was raised from) says that store cannot be
     reached or dropped the connection; None for any other error, bugs included."""
+    import botocore.exceptions
     import kombu.exceptions
     import redis.exceptions
     import sqlalchemy.exc
@@ -79,5 +80,7 @@ def unavailable_store(error: BaseException) -> str | None:
         if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                               kombu.exceptions.OperationalError)):
             return "redis"  # kombu's: the Celery broker, which is the Redis
+        if isinstance(error, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            return "object store"  # LORAQ_STORAGE_URL's S3 endpoint
         error = error.__cause__ or error.__context__
     return None

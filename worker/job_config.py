@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.orm import object_session
 
 from loraq import object_store, registry, storage
@@ -61,6 +62,8 @@ def local_dataset(settings: Settings, dataset: Dataset) -> Path:
         return object_store.pull_dataset(settings, store, dataset.id, storage.dataset_dir(settings, dataset.id))
     except FileNotFoundError as error:
         raise ConfigError(f"train_data_dir: {error}") from None
+    except (BotoCoreError, ClientError) as error:  # the job fails naming it; a retry pulls again
+        raise ConfigError(f"train_data_dir: the dataset could not be read from {store.url}: {error}") from None
 
 
 def dataset_path(settings: Settings, storage_path: str) -> Path:
@@ -79,8 +82,11 @@ def resume_checkpoint(settings: Settings, job_id: str, attempt: int) -> Path | N
         for number in range(1, attempt + 1)
         for path in complete_checkpoints(storage.attempt_dir(settings, job_id, number))
     ]
-    pulled = object_store.pull_checkpoint(settings, job_id, attempt, storage.attempt_dir, LORA_WEIGHTS_NAME,
-                                          max(found)[0] if found else -1)
+    try:
+        pulled = object_store.pull_checkpoint(settings, job_id, attempt, storage.attempt_dir, LORA_WEIGHTS_NAME,
+                                              max(found)[0] if found else -1)
+    except (BotoCoreError, ClientError) as error:  # never train again from scratch in silence
+        raise ConfigError(f"resume_from_checkpoint: the object store did not answer ({error})") from None
     if pulled is not None and is_complete(pulled):
         return pulled
     return max(found)[2] if found else None

@@ -6,11 +6,40 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 
+import httpx
 import pytest
 
 from support.s3 import keys, s3_bucket, s3_endpoint  # noqa: F401 - fixtures
-from support.service import launch, shut_down, submit, upload
+from support.service import API_FLAGS, ROOT, dataset_zip, free_port, launch, shut_down, stop, submit, upload
+
+
+@contextmanager
+def another_api(service, logs, **env):
+    """One more API process on the same database and store, with `env` changed; its client."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
+                                "127.0.0.1", "--port", str(port), *API_FLAGS], cwd=ROOT, env={**service.env, **env},
+                               stdout=open(logs / f"api-{port}.log", "wb"), stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=dict(service.client.headers), timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/livez").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the extra API did not start"
+            time.sleep(0.3)
+        yield client
+    finally:
+        client.close()
+        stop(process)
 
 # One database is enough: the store is what is under test (PostgreSQL, so the worker's data
 # directory holds no database file either).
@@ -31,6 +60,15 @@ def test_job_on_object_store_without_shared_directory(settings, tmp_path, tiny_m
         assert f"loraq/datasets/{dataset_id}/metadata.jsonl" in stored or \
             any(key.endswith(".txt") for key in stored), stored
         assert sum(key.endswith(".png") for key in stored) >= 4  # the images and thumbnails
+        # The same content again is the same dataset (dedupe asks the store), nothing stored twice.
+        again = service.client.post("/v1/datasets", files={"files": ("pets.zip", dataset_zip(tmp_path),
+                                                                     "application/zip")})
+        assert again.status_code == 200 and again.json()["id"] == dataset_id and again.json()["reused"]
+        assert {key.split("/")[2] for key in keys(client, bucket, "loraq/datasets/")} == {dataset_id}
+        # An API host without the local copy reads a thumbnail from the store.
+        shutil.rmtree(settings.data_dir / "datasets" / dataset_id)
+        thumbnail = service.client.get(f"/v1/datasets/{dataset_id}/thumbnails/0")
+        assert thumbnail.status_code == 200 and thumbnail.content[:4] == b"\x89PNG"
 
         job = submit(service, dataset_id, max_train_steps=6, checkpointing_steps=3)
         finished = service.wait_for(job["id"], {"succeeded", "failed", "canceled"}, timeout=300)
@@ -53,6 +91,21 @@ def test_job_on_object_store_without_shared_directory(settings, tmp_path, tiny_m
         zipped = service.client.get(f"/v1/jobs/{job['id']}/artifacts/checkpoint-3.zip")
         assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
         assert service.client.get(f"/v1/jobs/{job['id']}/artifacts/nothing.bin").status_code == 404
+
+        # LORAQ_S3_PRESIGN: a 307 to a URL the store itself answers with the same bytes.
+        with another_api(service, tmp_path / "logs", LORAQ_S3_PRESIGN="true") as presigning:
+            name = "checkpoint-3/pytorch_lora_weights.safetensors"
+            redirect = presigning.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
+            assert redirect.status_code == 307 and redirect.headers["location"].startswith(endpoint)
+            fetched = httpx.get(redirect.headers["location"])
+            assert hashlib.sha256(fetched.content).hexdigest() == artifacts[name]["sha256"]
+        # A store that does not answer: an upload is a 503 naming it, and leaves no row.
+        with another_api(service, tmp_path / "logs", LORAQ_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+                         AWS_MAX_ATTEMPTS="1") as cut_off:
+            refused = cut_off.post("/v1/datasets", params={"dedupe": "false"}, files={
+                "files": ("other.zip", dataset_zip(tmp_path / "other", n_images=2), "application/zip")})
+            assert refused.status_code == 503 and "object store" in refused.text, refused.text
+        assert service.client.get("/v1/datasets").json()["total"] == 1
 
         # A later attempt on a host with an empty folder resumes from the store's furthest checkpoint.
         from loraq.settings import Settings
