@@ -67,6 +67,23 @@ class CommonConfig(BaseModel):
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(default=1e-2, ge=0)
     adam_epsilon: float = Field(default=1e-8, gt=0)
+    # The optimizer (trainer/optimizers.py) and its own options, prefixed by its name: adam_*
+    # serve adamw, adamw8bit and prodigy (as in the diffusers scripts); prodigy_* and adafactor_*
+    # only their optimizer. An option of another optimizer is refused naming it.
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    prodigy_beta3: float | None = Field(default=None, ge=0, lt=1)
+    prodigy_decouple: bool = True
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
+    prodigy_d_coef: float = Field(default=1.0, gt=0)
+    adafactor_clip_threshold: float = Field(default=1.0, gt=0)
+    adafactor_decay_rate: float = Field(default=-0.8, lt=0)
+    adafactor_beta1: float | None = Field(default=None, ge=0, lt=1)
+    adafactor_weight_decay: float = Field(default=0.0, ge=0)
+    adafactor_scale_parameter: bool = False
+    # The schedulers' own shapes (the scripts' --lr_num_cycles, --lr_power).
+    lr_num_cycles: int = Field(default=1, ge=1)
+    lr_power: float = Field(default=1.0, gt=0)
 
     # LoRA
     rank: int = Field(default=4, ge=1)
@@ -111,7 +128,34 @@ class CommonConfig(BaseModel):
     def _consistent(self) -> CommonConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on cpu")
+        if self.optimizer == "adamw8bit" and self.device == "cpu":
+            raise ValueError("optimizer: adamw8bit needs a CUDA device (bitsandbytes); use adamw on cpu")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_other_optimizers_options(cls, values: Any) -> Any:
+        """An option of an optimizer (or scheduler) that is not the chosen one changes nothing:
+        refuse it by name rather than ignore it. Default values pass (a dumped config holds all)."""
+        if not isinstance(values, dict):
+            return values
+        optimizer = values.get("optimizer", "adamw")
+        scheduler = values.get("lr_scheduler", "constant")
+        owners = {"prodigy_": ("prodigy",), "adafactor_": ("adafactor",),
+                  "adam_": ("adamw", "adamw8bit", "prodigy")}
+        for name, value in values.items():
+            field = cls.model_fields.get(name)
+            if field is None or value == field.default:
+                continue
+            for prefix, optimizers in owners.items():
+                if name.startswith(prefix) and optimizer not in optimizers:
+                    raise ValueError(f"{name}: an option of the {' / '.join(optimizers)} optimizer, "
+                                     f"not of {optimizer}")
+            if name == "lr_num_cycles" and scheduler != "cosine_with_restarts":
+                raise ValueError(f"lr_num_cycles: an option of lr_scheduler cosine_with_restarts, not of {scheduler}")
+            if name == "lr_power" and scheduler != "polynomial":
+                raise ValueError(f"lr_power: an option of lr_scheduler polynomial, not of {scheduler}")
+        return values
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -22,10 +22,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from trainer import checkpoints, control, data, latent_cache, validation
+from trainer import checkpoints, control, data, latent_cache, optimizers, validation
 from trainer.config import CommonConfig, ConfigError
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
 from trainer.events import Event, EventSink, Throughput, ignore_events
@@ -150,10 +149,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
     learning_rate = config.learning_rate
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        lora_parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-    )
+    optimizer = optimizers.build_optimizer(config, lora_parameters, learning_rate, accelerator.device)
 
     dataset, cached, num_examples = _build_dataset(
         config, family, data_folder or Path(config.train_data_dir), components, accelerator.device
@@ -170,10 +166,8 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
         scheduler_steps = config.num_train_epochs * steps_per_epoch * accelerator.num_processes
     else:
         scheduler_steps = config.max_train_steps * accelerator.num_processes
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=scheduler_steps,
+    lr_scheduler = optimizers.build_scheduler(
+        config, optimizer, config.lr_warmup_steps * accelerator.num_processes, scheduler_steps,
     )
     prepared = accelerator.prepare(*trainable.values(), optimizer, dataloader, lr_scheduler)
     models = dict(zip(trainable, prepared[: len(trainable)]))

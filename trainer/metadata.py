@@ -62,6 +62,8 @@ class MetadataRecorder:
         prediction = config.prediction_type or "epsilon"
         alpha = getattr(config, "effective_lora_alpha", None) or config.lora_alpha or config.rank
         resolution = config.resolution
+        from trainer.optimizers import describe as describe_optimizer  # torch; loaded on use
+
         now = time.time()
         arch = ARCHITECTURES.get(family, family)
         meta = {
@@ -75,8 +77,7 @@ class MetadataRecorder:
             "ss_unet_lr": str(config.learning_rate),
             "ss_text_encoder_lr": str(config.learning_rate if config.train_text_encoder else 0),
             "ss_lr_scheduler": config.lr_scheduler, "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-            "ss_optimizer": f"torch.optim.AdamW(betas=({config.adam_beta1}, {config.adam_beta2}),"
-                            f"weight_decay={config.adam_weight_decay},eps={config.adam_epsilon})",
+            "ss_optimizer": describe_optimizer(config),
             "ss_batch_size_per_device": str(config.train_batch_size),
             "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
             "ss_mixed_precision": config.mixed_precision, "ss_seed": str(config.seed),
