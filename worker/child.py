@@ -38,9 +38,12 @@ STOPPED = "stopped"  # the event the child writes after stopping on STOP_SIGNAL:
 class TrainingProcess:
     """The parent's handle on one training child: start it, read its events, stop it."""
 
-    def __init__(self, config, log_path: Path):
+    def __init__(self, config, log_path: Path, num_processes: int = 1):
         self.config = config
         self.log_path = log_path
+        # More than 1: the child is rank 0 of that many training processes (one per GPU, or
+        # gloo processes on the CPU); it starts the others, which share its process group.
+        self.num_processes = num_processes
         self.pid: int | None = None
         self._pidfd: int | None = None  # readable once the child exits
         self._returncode: int | None = None
@@ -81,7 +84,8 @@ class TrainingProcess:
         if pid == 0:
             code = 1
             try:
-                code = _child_main(self.config, read_fd, write_fd, str(self.log_path), parent_pid, mask)
+                code = _child_main(self.config, read_fd, write_fd, str(self.log_path), parent_pid, mask,
+                                   self.num_processes)
             except BaseException:  # noqa: BLE001 - whatever happens, never return into the worker
                 traceback.print_exc()
             finally:
@@ -118,7 +122,9 @@ class TrainingProcess:
         return self._take_events()
 
     def request_stop(self) -> None:
-        """Ask the training to checkpoint at its next step boundary and end (a `stopped` event)."""
+        """Ask the training to checkpoint at its next step boundary and end (a `stopped` event).
+        With several processes rank 0 alone is told: the ranks combine their flags at each step
+        boundary (trainer/control.py), so all stop after the same step."""
         if self.pid is not None and self.exitcode is None:
             try:  # the child only: its data loader processes would die of the signal
                 os.kill(self.pid, STOP_SIGNAL)
@@ -226,7 +232,8 @@ def log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
 # In the child
 
 
-def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int, mask=frozenset()) -> int:
+def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: int, mask=frozenset(),
+                num_processes: int = 1) -> int:
     """Train with events to `write_fd`; 0 on success or a stop on request, 1 after reporting an
     error event."""
     from trainer import control
@@ -235,18 +242,31 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
     _detach(parent_pid)
     control.reset()
     control.stop_on_signal(STOP_SIGNAL)
+    peers = _start_peers(config, num_processes, write_fd, log_path, mask) if num_processes > 1 else None
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop sent since the fork arrives now
     log_file = _redirect_output(log_path)
+    if peers is not None:
+        peers.watch(log_file)
+    code = _train_rank0(config, write_fd, log_path, log_file)
+    if code == 0 and peers is not None and not peers.wait(PEER_EXIT_WAIT_S):
+        log_file.write("the other training processes did not end after rank 0 did\n")
+        return 1
+    return code
+
+
+def _train_rank0(config, write_fd: int, log_path: str, log_file) -> int:
+    from trainer import control
+
     events_out = os.fdopen(write_fd, "w", buffering=1, encoding="utf-8")
 
     from trainer.events import ConsoleReporter, Event
     from trainer import metadata as training_metadata
     from trainer.loop import train
 
-    from worker.tensorboard import FOLDER as TENSORBOARD_FOLDER, TensorBoardSink
+    from worker.tensorboard import TensorBoardSink, tensorboard_dir
 
     reporter = ConsoleReporter(out=events_out, log=log_file, bar=False)
-    board = TensorBoardSink(Path(config.output_dir) / TENSORBOARD_FOLDER)  # the scalars, for TensorBoard
+    board = TensorBoardSink(tensorboard_dir(Path(config.output_dir)))  # the scalars, for TensorBoard
     run_metadata = training_metadata.MetadataRecorder(config)  # the LoRA files' ss_*/modelspec.* keys
 
     def on_event(event) -> None:
@@ -273,6 +293,127 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
         return 1
     finally:
         board.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (num_gpus > 1)
+
+PEER_EXIT_WAIT_S = 120.0  # after rank 0 ended well, how long the others may take to end
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Peers:
+    """Ranks 1.. of a several-process training, forked by rank 0 (the worker's child), the way
+    torchrun would start them: the same environment variables, one process per GPU. They are in
+    rank 0's process group (a stop or kill of the group reaches them) and die with it
+    (PDEATHSIG). One of them failing ends rank 0 too (a collective would wait for it for ever)."""
+
+    def __init__(self, pids: dict[int, int], log_path: str):
+        self.pids = pids  # pid -> rank
+        self.log_path = log_path
+        self._done = None
+
+    def watch(self, log_file) -> None:
+        import threading
+
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, args=(log_file,), name="loraq-peers", daemon=True).start()
+
+    def _watch(self, log_file) -> None:
+        for pid, rank in list(self.pids.items()):
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                tail = log_tail(Path(_rank_log(self.log_path, rank)))
+                log_file.write(f"training process rank {rank} {how}; last lines of its log:\n{tail}\n")
+                log_file.flush()
+                for other in self.pids:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                os._exit(1)  # rank 0 too: it would wait for the failed rank in its next collective
+        self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done is not None and self._done.wait(timeout)
+
+
+def _rank_log(log_path: str, rank: int) -> str:
+    path = Path(log_path)
+    return str(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+
+
+def _start_peers(config, num_processes: int, write_fd: int, log_path: str, mask) -> _Peers:
+    """Set rank 0's distributed environment and fork ranks 1..num_processes-1."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "WORLD_SIZE": str(num_processes), "LOCAL_WORLD_SIZE": str(num_processes),
+                       "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"})
+    _share_cpu_threads(config, num_processes)
+    leader = os.getpid()
+    pids = {}
+    for rank in range(1, num_processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(write_fd)  # only rank 0 reports events
+                code = _peer_main(config, rank, leader, log_path, mask)
+            except BaseException:  # noqa: BLE001 - never return into rank 0's code
+                traceback.print_exc()
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+                os._exit(code)
+        pids[pid] = rank
+    return _Peers(pids, log_path)
+
+
+def _share_cpu_threads(config, num_processes: int) -> None:
+    """On the CPU the processes share the cores: each gets its part (torch would take all)."""
+    if getattr(config, "device", None) == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes))
+
+
+def _peer_main(config, rank: int, leader: int, log_path: str, mask) -> int:
+    from trainer import control
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != leader:  # rank 0 died before the prctl took effect
+        return 1
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank)})
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _redirect_output(_rank_log(log_path, rank))
+
+    from trainer.loop import train
+
+    try:
+        train(config)  # events: only rank 0's are reported (the loop emits on the main process only)
+    except control.StopRequested:
+        return 0
+    except Exception:  # noqa: BLE001 - rank 0's watcher reports it with this log's tail
+        logging.getLogger("trainer").exception("training failed on rank %s", rank)
+        return 1
     return 0
 
 

@@ -2,9 +2,9 @@
 
 The trainer knows nothing of TensorBoard: the child feeds every event it forwards to the worker
 to a `TensorBoardSink` as well, which writes `train/loss`, `train/lr`, `train/grad_norm` (and
-`validation/loss` when an event carries one) per optimizer step into `<attempt>/tensorboard/`,
-with the event's own wall time. `tensorboard --logdir var/jobs/<id>` shows a job live (each
-attempt a run); once an attempt ends the worker records the files as the job's `tensorboard/...`
+`validation/loss` when an event carries one) per optimizer step into
+`<job>/tensorboard/attempt-N/`, with the event's own wall time. `tensorboard --logdir
+var/jobs/<id>/tensorboard` shows a job live (each attempt a run); once an attempt ends the worker records the files as the job's `tensorboard/...`
 artifacts, downloadable one by one or as `tensorboard.zip`. Writing them can never fail a
 training: an error disables the sink and is logged once.
 """
@@ -28,6 +28,12 @@ KIND = "tensorboard"
 # Per step event field -> scalar tag.
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm"}
 VALIDATION_LOSS_KEYS = ("validation_loss", "val_loss")
+
+
+def tensorboard_dir(attempt_dir: Path) -> Path:
+    """`<job>/tensorboard/attempt-N` for `<job>/attempt-N`: beside the attempts, not in them (an
+    attempt's folder holds what the trainer wrote), and one TensorBoard run per attempt."""
+    return attempt_dir.parent / FOLDER / attempt_dir.name
 
 
 class TensorBoardSink:
@@ -84,7 +90,7 @@ class TensorBoardSink:
 def record_artifacts(settings: Settings, sessions: sessionmaker[Session], job_id: str, attempt: int) -> int:
     """Record the attempt's event files as the job's artifacts (after the attempt ended; a file
     recorded before is left as it is). Returns how many rows were added."""
-    folder = storage.attempt_dir(settings, job_id, attempt) / FOLDER
+    folder = tensorboard_dir(storage.attempt_dir(settings, job_id, attempt))
     files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
     if not files:
         return 0
