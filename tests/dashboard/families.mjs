@@ -1,7 +1,8 @@
 // Scenario: the new-job form offers only the chosen model's family's options. With tiny-sd the
 // form is SD's; picking tiny-sdxl rebuilds it from SDXL's schema (its VAE option appears, the
 // values typed so far stay, the quick preset's size follows). A tiny-sdxl job is submitted from
-// the form and watched to the end; its page names the family. Screenshots of the form per family.
+// the form and watched to the end; its page names the family. Then the flow-matching families:
+// tiny-flux and tiny-sd3 rebuild the form from their schemas. Screenshots of the form per family.
 // args: {dataset_id, steps}
 
 import {enterKey, run, until} from './harness.mjs';
@@ -43,6 +44,17 @@ run(async (t) => {
   t.result.facts = await page.$$eval('.facts dt', (terms) =>
     Object.fromEntries(terms.map((dt) => [dt.textContent, dt.nextElementSibling.textContent])));
   await t.screenshot('job-sdxl');
+
+  // the flow-matching families' forms, from their own schemas
+  await page.goto(`${t.url}/jobs/new?dataset=${args.dataset_id}`);
+  await page.waitForSelector('#advanced');
+  await page.click('#advanced > summary');
+  for (const [model, family] of [['tiny-flux', 'flux'], ['tiny-sd3', 'sd3']]) {
+    await page.selectOption('#base-model', model);
+    await page.waitForSelector(`.options[data-family="${family}"]`);
+    t.result[family] = await formFacts(page);
+    await t.screenshot(`new-job-${family}`);
+  }
 });
 
 /** The form's family, its model note and which options it offers. */

@@ -13,9 +13,10 @@ STEPS = 4
 
 
 @pytest.fixture
-def service(settings, start_service, tiny_sdxl_model):
-    """The API and one worker, with the demo model tiny-sdxl generated beside tiny-sd."""
-    shutil.copytree(tiny_sdxl_model, settings.demo_dir("tiny-sdxl"))
+def service(settings, start_service, tiny_sdxl_model, tiny_flux_model, tiny_sd3_model):
+    """The API and one worker, with the demo models tiny-sdxl, tiny-flux and tiny-sd3 beside tiny-sd."""
+    for name, model in (("tiny-sdxl", tiny_sdxl_model), ("tiny-flux", tiny_flux_model), ("tiny-sd3", tiny_sd3_model)):
+        shutil.copytree(model, settings.demo_dir(name))
     return start_service(settings)
 
 
@@ -40,5 +41,12 @@ def test_the_form_follows_the_family_and_submits_a_tiny_sdxl_job(service, browse
     assert (job["state"], job["base_model"], job["name"]) == ("succeeded", "tiny-sdxl", "sdxl from the form")
     assert (job["config"]["family"], job["config"]["rank"], job["config"]["max_train_steps"]) == ("sdxl", 2, STEPS)
     assert seen["facts"]["Family"] == "sdxl" and seen["facts"]["Base model"] == "tiny-sdxl"
-    assert {p.name for p in screenshots.iterdir()} >= {f"new-job-{f}-{size}.png" for f in ("sd", "sdxl")
+    # the flow-matching families' forms: their own options, not the DDPM ones they refuse
+    assert (seen["flux"]["family"], seen["sd3"]["family"]) == ("flux", "sd3")
+    assert {"weighting_scheme", "guidance_scale", "max_sequence_length"} <= set(seen["flux"]["options"])
+    assert {"weighting_scheme", "precondition_outputs"} <= set(seen["sd3"]["options"])
+    assert "guidance_scale" not in seen["sd3"]["options"] and "precondition_outputs" not in seen["flux"]["options"]
+    assert not {"snr_gamma", "noise_offset", "prediction_type"} & set(seen["flux"]["options"] + seen["sd3"]["options"])
+    assert seen["flux"]["note"].startswith("Family: flux.") and seen["sd3"]["note"].startswith("Family: sd3.")
+    assert {p.name for p in screenshots.iterdir()} >= {f"new-job-{f}-{size}.png" for f in ("sd", "sdxl", "flux", "sd3")
                                                        for size in ("laptop", "phone")}
