@@ -84,6 +84,10 @@ class CommonConfig(BaseModel):
     # The schedulers' own shapes (the scripts' --lr_num_cycles, --lr_power).
     lr_num_cycles: int = Field(default=1, ge=1)
     lr_power: float = Field(default=1.0, gt=0)
+    # An exponential moving average of the LoRA weights (trainer/ema.py), saved beside them as
+    # pytorch_lora_weights_ema.safetensors.
+    use_ema: bool = False
+    ema_decay: float = Field(default=0.999, gt=0, lt=1)
 
     # LoRA
     rank: int = Field(default=4, ge=1)
@@ -128,6 +132,8 @@ class CommonConfig(BaseModel):
     def _consistent(self) -> CommonConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on cpu")
+        if self.ema_decay != 0.999 and not self.use_ema:
+            raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.optimizer == "adamw8bit" and self.device == "cpu":
             raise ValueError("optimizer: adamw8bit needs a CUDA device (bitsandbytes); use adamw on cpu")
         return self
@@ -231,6 +237,12 @@ class FlowMatchingConfig(CommonConfig):
                 values = {**values, "missing_captions": "empty"}
         return values
 
+    @field_validator("weighting_scheme", mode="before")
+    @classmethod
+    def _none_scheme(cls, value: Any) -> Any:
+        # The command line reads `--weighting_scheme none` as a null; the scheme is the string.
+        return "none" if value is None else value
+
     @field_validator("lora_layers", mode="before")
     @classmethod
     def _split_layers(cls, value: Any) -> Any:
@@ -247,6 +259,8 @@ class FluxConfig(FlowMatchingConfig):
 
     family: Literal["flux"] = "flux"
     output_dir: str = "flux-dreambooth-lora"
+    # The Flux script's alpha is 4 whatever the rank (the other scripts: alpha = rank).
+    lora_alpha: float | None = Field(default=4.0, gt=0)
     # The guidance the dev model is conditioned on, constant every step (ignored by schnell,
     # which has no guidance embedding).
     guidance_scale: float = Field(default=3.5, ge=0)

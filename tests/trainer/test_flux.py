@@ -160,6 +160,9 @@ def test_misspelled_scheme_and_ddpm_options_are_refused_by_name():
     # The script's defaults.
     assert (config.lr_warmup_steps, config.adam_weight_decay, config.max_grad_norm, config.guidance_scale,
             config.max_sequence_length, config.weighting_scheme, config.mode_scale) == (500, 1e-4, 1.0, 3.5, 512, "none", 1.29)
+    # The script's lora_alpha is 4 at any rank; `--weighting_scheme none` arrives as a null.
+    assert load_config({**base, "rank": 8}, "flux").effective_lora_alpha == 4.0
+    assert load_config({**base, "weighting_scheme": None}, "flux").weighting_scheme == "none"
     # The form's schema offers none of the refused options.
     schema = type(config).model_json_schema()["properties"]
     assert "weighting_scheme" in schema and not {"snr_gamma", "noise_offset", "prediction_type"} & set(schema)
