@@ -114,6 +114,9 @@ class DatasetList(BaseModel):
 # Jobs
 
 
+MAX_PRIORITY = 1_000_000  # any key's bound; LORAQ_MAX_JOB_PRIORITY bounds non-admin keys
+
+
 class JobCreate(BaseModel):
     """A training job: a dataset, an allowed base model and trainer options (their names)."""
 
@@ -128,6 +131,15 @@ class JobCreate(BaseModel):
     webhook_url: str | None = Field(default=None, max_length=2000,
                                     description="POSTed the job on each state change, signed with the owner's "
                                                 "secret (GET /v1/webhook-secret); http or https, no private addresses")
+    # The fleet (README "Fleets, routing and priorities").
+    priority: int = Field(default=0, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+                          description="higher runs first among the jobs a worker fits; above LORAQ_MAX_JOB_PRIORITY "
+                                      "only with an admin key")
+    num_gpus: int = Field(default=1, ge=1, le=64, description="training processes, one per GPU, on one worker")
+    gpu_class: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                                  description="run only on workers of this class (e.g. a100-80gb, 4090)")
+    min_gpu_memory_gb: float | None = Field(default=None, gt=0, le=10_000,
+                                            description="run only on workers whose GPUs have this much memory")
 
 
 class JobCheck(BaseModel):
@@ -201,7 +213,12 @@ class JobOut(BaseModel):
     error: str | None
     attempt: int
     worker: str | None
-    queue_position: int | None = Field(description="1-based place among queued jobs; null unless queued")
+    queue_position: int | None = Field(description="1-based place among the queued jobs that compete with it for "
+                                                   "workers, in claim order (priority, then age); null unless queued")
+    priority: int = 0
+    num_gpus: int = 1
+    gpu_class: str | None = None
+    min_gpu_memory_gb: float | None = None
     images_per_s: float | None = Field(default=None, description="training speed at the last step; null unless running")
     eta_s: float | None = Field(default=None, description="seconds left at the pace of the last steps; null unless running")
     webhook_url: str | None = Field(default=None, description="where state changes are POSTed (GET /v1/jobs/{id} only)")

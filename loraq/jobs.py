@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Iterable
 
-from sqlalchemy import update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from loraq import events, webhooks
@@ -62,6 +62,7 @@ def transition(
     if new == S.queued:
         fields.setdefault("queued_at", now)
         fields.setdefault("finished_at", None)
+        fields.setdefault("announced_at", None)  # the new attempt's wake-up is not sent yet
     query = update(Job).where(Job.id == job_id, Job.state.in_([s.value for s in expected]))
     if attempt is not None:
         query = query.where(Job.attempt == attempt)
@@ -99,3 +100,48 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease_s: float) -> 
         .values(lease_until=now + timedelta(seconds=lease_s))
     )
     return result.rowcount == 1
+
+
+# -- the fleet: which queued job a worker takes, and how many are ahead of a job ----------------
+
+# Claim order: the highest priority first, then the oldest (queued_at, id) -- exact, whatever
+# order the wake-up messages arrive in (a message only says "look at the queue").
+CLAIM_ORDER = (Job.priority.desc(), Job.queued_at, Job.id)
+
+
+def fits(gpu_class: str, gpus: int, memory_gb: float | None):
+    """SQL condition: a job this worker can run (its class or none asked, enough GPUs and memory)."""
+    memory = Job.min_gpu_memory_gb.is_(None)
+    if memory_gb is not None:
+        memory = memory | (Job.min_gpu_memory_gb <= memory_gb)
+    return and_(or_(Job.gpu_class.is_(None), Job.gpu_class == gpu_class), Job.num_gpus <= gpus, memory)
+
+
+def next_queued(session: Session, gpu_class: str, gpus: int, memory_gb: float | None) -> tuple[str, int] | None:
+    """(id, attempt) of the queued job this worker should take next, or None when none fits."""
+    row = session.execute(
+        select(Job.id, Job.attempt).where(Job.state == S.queued.value, fits(gpu_class, gpus, memory_gb))
+        .order_by(*CLAIM_ORDER).limit(1)
+    ).first()
+    return (row.id, row.attempt) if row is not None else None
+
+
+def ahead_condition(job):
+    """SQL condition: a queued job a worker would take before `job` and that competes with it for
+    the same workers. A job asking for a class waits behind the earlier jobs of its class and the
+    classless ones (any worker takes those); a classless job behind every earlier job (it may run
+    on any worker, so any of them may be in its way). GPU count and memory are left out."""
+    before = or_(Job.priority > job.priority,
+                 and_(Job.priority == job.priority,
+                      or_(Job.queued_at < job.queued_at, and_(Job.queued_at == job.queued_at, Job.id < job.id))))
+    condition = and_(Job.state == S.queued.value, before)
+    if job.gpu_class is not None:
+        condition = and_(condition, or_(Job.gpu_class.is_(None), Job.gpu_class == job.gpu_class))
+    return condition
+
+
+def queue_position(session: Session, job) -> int | None:
+    """1-based place of a queued job in its workers' claim order; None unless queued."""
+    if job.state != S.queued.value:
+        return None
+    return session.scalar(select(func.count()).select_from(Job).where(ahead_condition(job))) + 1

@@ -64,6 +64,8 @@ class Job(Base):
         Index("ix_jobs_owner_queued_at", "owner", "queued_at", "id"),
         Index("ix_jobs_owner_state_queued_at", "owner", "state", "queued_at", "id"),
         Index("ix_jobs_state_queued_at", "state", "queued_at", "id"),
+        # The claim order of queued jobs (priority first), read by workers and queue positions.
+        Index("ix_jobs_state_priority_queued_at", "state", "priority", "queued_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -91,6 +93,15 @@ class Job(Base):
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     # Where each state change is POSTed (loraq/webhooks.py); checked at submit, None for none.
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    # The fleet (README "Fleets, routing and priorities"): what a job needs of a worker, and its
+    # place in the queue. Workers claim the highest priority, then the oldest, job they fit.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    num_gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    gpu_class: Mapped[str | None] = mapped_column(String(64))
+    min_gpu_memory_gb: Mapped[float | None] = mapped_column(Float)
+    # When the current attempt's wake-up was last sent (None: never, or it failed); the reaper
+    # re-sends one for a job queued a while with none (loraq/reaper.py, sweep_unannounced).
+    announced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobMetric(Base):

@@ -41,6 +41,54 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str, attempt: int) -> None:
-    """Wake a worker for this attempt (call only after the job row is committed)."""
-    app.send_task(RUN_JOB_TASK, args=[job_id, attempt])
+def job_queue(settings: Settings, gpu_class: str | None) -> str:
+    """The queue a job's wake-ups go to: `{queue_name}.{class}` when it asks for a GPU class (only
+    that class's workers consume it), else `{queue_name}`, which every worker consumes. A job
+    asking only for GPUs or memory goes there too; a worker it does not fit leaves it queued and
+    hands the wake-up to the reaper's sweep (README "Fleets, routing and priorities")."""
+    return f"{settings.queue_name}.{gpu_class}" if gpu_class else settings.queue_name
+
+
+def worker_queues(settings: Settings, gpu_class: str) -> list[str]:
+    """The queues a worker of `gpu_class` consumes: the default one and its class's."""
+    return [settings.queue_name, job_queue(settings, gpu_class)]
+
+
+def enqueue_job(app: Celery, job_id: str, attempt: int, queue: str | None = None) -> None:
+    """Wake a worker for this attempt (call only after the job row is committed). `queue`: the
+    job's (job_queue); default, the app's default queue."""
+    if queue is None:
+        app.send_task(RUN_JOB_TASK, args=[job_id, attempt])
+    else:
+        app.send_task(RUN_JOB_TASK, args=[job_id, attempt], queue=queue)
+
+
+def mark_announced(session, job_id: str, attempt: int) -> None:
+    """Record that this queued attempt's wake-up was sent (the reaper's sweep skips it a while)."""
+    from sqlalchemy import update
+
+    from loraq.models import Job, JobState, utcnow
+
+    session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.queued.value)
+                    .values(announced_at=utcnow()))
+
+
+def announce(app: Celery, session_factory, settings: Settings, job_id: str, attempt: int) -> bool:
+    """Send the wake-up of a committed, queued attempt to its job's queue and record it; False
+    (logged) when it could not be sent: announced_at stays unset and the reaper's sweep sends it."""
+    import logging
+
+    from sqlalchemy import select
+
+    from loraq.models import Job
+
+    try:
+        with session_factory() as session:
+            gpu_class = session.scalar(select(Job.gpu_class).where(Job.id == job_id))
+        enqueue_job(app, job_id, attempt, job_queue(settings, gpu_class))
+        with session_factory.begin() as session:
+            mark_announced(session, job_id, attempt)
+    except Exception as error:  # noqa: BLE001 - the row stays queued; the sweep sends it later
+        logging.getLogger("loraq.queue").warning("job.enqueue_failed job=%s attempt=%s: %s", job_id, attempt, error)
+        return False
+    return True

@@ -7,22 +7,25 @@ to `failed` once the job has used `max_attempts` attempts. A `canceling` job who
 gone becomes `canceled`. Every change is one conditional UPDATE (`loraq.jobs.transition`)
 fenced on the state and attempt read, so reapers in several workers may race: one wins, the
 others change nothing. The Celery message for the new attempt is sent after the commit.
+
+The same thread sweeps the queue for jobs without a wake-up (`sweep_unannounced`): a job
+submitted while Redis was down is committed but its message never sent; it gets one later.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraq import events
 from loraq.jobs import transition
 from loraq.models import Job, JobState, utcnow
-from loraq.queue import enqueue_job
+from loraq.queue import announce, enqueue_job, job_queue, mark_announced
 from loraq.settings import Settings
 
 log = logging.getLogger("loraq.reaper")
@@ -100,16 +103,49 @@ def _reap_one(session_factory, settings: Settings, celery_app, redis, job_id: st
     events.publish(redis, [event])
     if new_attempt is not None:
         log.warning("job.requeued job=%s attempt=%s: lease of attempt %s expired", job_id, new_attempt, attempt)
-        if celery_app is not None:
-            try:
-                enqueue_job(celery_app, job_id, new_attempt)
-            except Exception as error:  # noqa: BLE001 - the row stays queued; the message is what is lost
-                log.warning("job.enqueue_failed job=%s attempt=%s: %s", job_id, new_attempt, error)
+        if celery_app is not None:  # a failed send leaves it to sweep_unannounced
+            announce(celery_app, session_factory, settings, job_id, new_attempt)
     elif state == JobState.canceling:
         log.warning("job.canceled job=%s attempt=%s: its worker is gone (lease expired)", job_id, attempt)
     else:
         log.warning("job.lease_failed job=%s attempt=%s: %s", job_id, attempt, give_up_message(attempt))
     return job_id, new_attempt
+
+
+SWEEP_BATCH = 200  # wake-ups one sweep round sends at most (the oldest jobs first)
+
+
+def sweep_unannounced(session_factory: sessionmaker[Session], settings: Settings, celery_app: Celery,
+                      now: datetime | None = None) -> list[tuple[str, int]]:
+    """Send a wake-up for each job queued longer than announce_sweep_s whose current attempt has
+    none on record (its send failed: Redis was down at submit or requeue; or a worker it did not
+    fit took it), or whose last one is older than reannounce_s (Redis may have lost it).
+
+    Harmless when repeated or raced by other reapers: a wake-up only makes a worker look at the
+    queue, and the claim is a conditional UPDATE on (state, attempt), so a job runs once.
+    Returns (job id, attempt) per wake-up sent.
+    """
+    now = now or utcnow()
+    with session_factory() as session:
+        due = session.execute(
+            select(Job.id, Job.attempt, Job.gpu_class)
+            .where(Job.state == JobState.queued.value,
+                   Job.queued_at < now - timedelta(seconds=settings.announce_sweep_s),
+                   or_(Job.announced_at.is_(None), Job.announced_at < now - timedelta(seconds=settings.reannounce_s)))
+            .order_by(Job.queued_at, Job.id).limit(SWEEP_BATCH)
+        ).all()
+    sent = []
+    for job_id, attempt, gpu_class in due:
+        try:
+            enqueue_job(celery_app, job_id, attempt, job_queue(settings, gpu_class))
+        except Exception as error:  # noqa: BLE001 - Redis still away: the next round tries again
+            log.warning("job.sweep_enqueue_failed job=%s attempt=%s: %s", job_id, attempt, error)
+            break
+        with session_factory.begin() as session:
+            mark_announced(session, job_id, attempt)
+        log.warning("job.announced job=%s attempt=%s: queued without a wake-up; sent one", job_id, attempt)
+        sent.append((job_id, attempt))
+    return sent
 
 
 def reap_forever(settings: Settings, stop: threading.Event, interval_s: float | None = None) -> None:
@@ -128,6 +164,7 @@ def reap_forever(settings: Settings, stop: threading.Event, interval_s: float | 
         while not stop.wait(interval_s):
             try:
                 reap_expired(sessions, settings, celery_app, redis=redis)
+                sweep_unannounced(sessions, settings, celery_app)
             except Exception as error:  # noqa: BLE001 - database briefly away: try again next round
                 log.warning("reaper.round_failed: %s", error)
     finally:

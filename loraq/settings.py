@@ -57,6 +57,20 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None
     cache_max_bytes: int = 50 * 1024**3
     queue_name: str = "train"
+    # The fleet (README "Fleets, routing and priorities"). What this worker offers: its GPU class
+    # (unset: detected, `cpu` on the CPU), how many GPUs a job may use here (unset: detected, 1 on
+    # the CPU; LORAQ_WORKER_GPUS=2 lets CPU workers run two-process jobs over gloo) and each GPU's
+    # memory in GB (unset: detected; unknown on the CPU, so min_gpu_memory_gb jobs never fit it).
+    # It consumes `{queue_name}` and `{queue_name}.{gpu_class}`.
+    worker_gpu_class: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    worker_gpus: int | None = Field(default=None, ge=1, le=64)
+    worker_gpu_memory_gb: float | None = Field(default=None, gt=0)
+    # The highest `priority` a non-admin key may give a job (admins: up to MAX_PRIORITY).
+    max_job_priority: int = 10
+    # A queued job whose wake-up was never sent (Redis was down at submit) gets one after this
+    # many seconds; one sent longer ago than reannounce_s is sent again (Redis lost it).
+    announce_sweep_s: float = Field(default=30.0, gt=0)
+    reannounce_s: float = Field(default=900.0, gt=0)
 
     # Limits on a job's size (loraq/limits.py): a submission over one is a 422 naming the option
     # and the limit. 0 turns a limit off. Admin keys are exempt from the size limits unless

@@ -12,6 +12,7 @@ CLI); `reset` clears it for a library caller that trains again in the same proce
 from __future__ import annotations
 
 import signal
+import sys
 
 _requested = False
 
@@ -35,7 +36,20 @@ def request_stop(*_signal_args) -> None:
 
 
 def stop_requested() -> bool:
-    return _requested
+    """Whether to stop at this step boundary. Under several processes (torch.distributed) the
+    request usually reaches one of them (the worker signals rank 0): the ranks combine their flags
+    here (a MAX all-reduce), so every rank stops after the same step. Call it at the same points
+    on every rank (the loop does, once per optimizer step)."""
+    requested = _requested
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        requested = bool(flag.item())
+    return requested
 
 
 def reset() -> None:

@@ -14,7 +14,8 @@ from loraq.settings import Settings
 from loraq.webhooks import start_dispatcher
 from loraq.workers import KEY_PREFIX, start_heartbeat
 from worker.app import create_app, warm_up, worker_argv
-from worker.gpu_class import gpu_class
+from loraq.queue import worker_queues
+from worker.gpu_class import capabilities
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,9 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     client = redis.Redis.from_url(settings.redis_url)
     name = f"{socket.gethostname()}:{os.getpid()}"
+    offers = capabilities(settings)
     stop = start_heartbeat(client, name, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "queue": settings.queue_name, "device": settings.worker_device,
-                                          "gpu_class": gpu_class(settings.worker_device)})
+                                          "queue": ",".join(worker_queues(settings, offers.gpu_class)),
+                                          "device": settings.worker_device, "gpu_class": offers.gpu_class,
+                                          "gpus": offers.gpus, "gpu_memory_gb": offers.memory_gb})
     # Every worker also reaps expired leases (jobs of workers that died); concurrent reapers are safe.
     stop_reaper = start_reaper(settings)
     # ... and sends due webhooks (loraq/webhooks.py): a thread, since the solo pool's one task

@@ -12,9 +12,10 @@ import os
 
 from celery import Celery, signals
 
-from loraq.queue import make_celery
+from loraq.queue import make_celery, worker_queues
 from loraq.settings import Settings
 from worker import shutdown, tasks
+from worker.gpu_class import capabilities
 
 log = logging.getLogger("loraq.worker")
 
@@ -47,8 +48,9 @@ def install_shutdown(settings: Settings) -> shutdown.Shutdown:
 
 def worker_argv(settings: Settings) -> list[str]:
     """One worker process: one training at a time, on the configured queue, a unique node name."""
+    queues = ",".join(worker_queues(settings, capabilities(settings).gpu_class))  # its class's and the default
     return [
-        "worker", "--pool=solo", f"--queues={settings.queue_name}",
+        "worker", "--pool=solo", f"--queues={queues}",
         f"--hostname=loraq-{os.getpid()}@%h", "--loglevel=INFO",
         # Gossip and mingle sync worker state we do not use (the database holds it); skip them.
         "--without-gossip", "--without-mingle",

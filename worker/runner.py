@@ -23,7 +23,7 @@ from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError, unavailable_store
 from loraq.limits import WallClock
 from loraq.models import Dataset, Job, JobState
-from loraq.queue import MAX_ATTEMPT_S, enqueue_job, make_celery
+from loraq.queue import MAX_ATTEMPT_S, announce, make_celery
 from loraq.settings import Settings
 from trainer.checkpoints import remove_incomplete
 from worker.child import TrainingProcess, free_bytes
@@ -126,6 +126,7 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
         with resources.sessions() as session:
             job = session.get(Job, job_id)
             config = build_train_config(settings, job, session.get(Dataset, job.dataset_id), attempt)
+            num_processes = job.num_gpus or 1
         if config.resume_from_checkpoint:
             recorder.resumed_from = Path(config.resume_from_checkpoint)
     except (ValueError, AppError) as error:  # ConfigError is a ValueError; both name the problem
@@ -143,7 +144,8 @@ def _run(settings: Settings, resources: Resources, job_id: str, attempt: int, wo
             return _settle(recorder, Outcome.failed, recorder.fail, message)
         except LostOwnership:
             return Outcome.lost
-    return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path), shutdown).run()
+    return Supervisor(settings, resources, recorder, TrainingProcess(config, recorder.log_path, num_processes),
+                      shutdown).run()
 
 
 def _refuse_over_cap(settings: Settings, resources: Resources, job_id: str, attempt: int) -> Outcome:
@@ -418,10 +420,9 @@ class Supervisor:
             return Outcome.canceled
         log.warning("job.handed_back job=%s attempt=%s step=%s: queued again as attempt %s (%s)", self.job_id,
                     self.attempt, (self.recorder.stopped or {}).get("step"), new_attempt, HANDED_BACK)
-        try:
-            enqueue_job(self.resources.celery(self.settings), self.job_id, new_attempt)
-        except Exception as error:  # noqa: BLE001 - the row is queued; the message is what is lost
-            log.warning("job.enqueue_failed job=%s attempt=%s: %s", self.job_id, new_attempt, error)
+        # A failed send leaves the job to the reaper's sweep (loraq/reaper.py, sweep_unannounced).
+        announce(self.resources.celery(self.settings), self.resources.sessions, self.settings, self.job_id,
+                 new_attempt)
         return Outcome.handed_back
 
     # -- the end -----------------------------------------------------------------------------------

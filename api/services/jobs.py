@@ -16,22 +16,22 @@ from pathlib import Path
 
 import redis as redis_lib
 from celery import Celery
-from sqlalchemy import Text, and_, bindparam, cast, delete, func, or_, select, tuple_
+from sqlalchemy import Text, and_, bindparam, cast, delete, exists, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import load_dataset, visible
 from api.services.models import resolve_for_job
 from api.services.quotas import check_queued_jobs
-from api.schemas import JobCreate, JobOut, WebhookDeliveryOut
+from api.schemas import MAX_PRIORITY, JobCreate, JobOut, WebhookDeliveryOut
 from loraq import events, object_store, storage, webhooks
 from loraq.auth import Principal
 from loraq.errors import Conflict, Invalid, NotFound
-from loraq.jobs import transition
+from loraq.jobs import queue_position as fleet_queue_position, transition
 from loraq.limits import check_job_limits
 from loraq.models import ACTIVE_STATES, FINAL_STATES, Artifact, Dataset, Job, JobEvent, JobMetric, JobState, new_id
 from loraq.models import WebhookDelivery
-from loraq.queue import enqueue_job
+from loraq.queue import enqueue_job, job_queue, mark_announced
 from loraq.registry import ModelStatus
 from loraq.settings import Settings
 from trainer.config import ConfigError, TrainConfig, load_config
@@ -60,7 +60,11 @@ def cancel_key(job_id: str) -> str:
 def request_hash(body: JobCreate) -> str:
     """The request's identity for Idempotency-Key: its canonical JSON (key order does not matter)."""
     # webhook_url left out when not given, so keys used before webhooks existed still replay.
+    # Likewise the fleet fields (priority, num_gpus, ...) at their defaults.
     values = body.model_dump(mode="json", exclude={"webhook_url"} if body.webhook_url is None else None)
+    for name, default in FLEET_DEFAULTS.items():
+        if values.get(name) == default:
+            values.pop(name)
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -144,8 +148,19 @@ def check_submission(session: Session, settings: Settings, principal: Principal,
     model = check_base_model(settings, body.base_model, session)
     config, steps = validate_options(settings, dataset, model, body.options)
     check_job_limits(settings, principal, config, steps)  # the operator's LORAQ_MAX_* (loraq/limits.py)
+    check_priority(settings, principal, body.priority)
     webhooks.check_url(settings, body.webhook_url)
     return dataset, config, steps
+
+
+FLEET_DEFAULTS = {"priority": 0, "num_gpus": 1, "gpu_class": None, "min_gpu_memory_gb": None}
+
+
+def check_priority(settings: Settings, principal: Principal, priority: int) -> None:
+    """Owners may order their jobs up to settings.max_job_priority; admins up to MAX_PRIORITY."""
+    if priority > settings.max_job_priority and not principal.admin:
+        raise Invalid(f"priority: at most {settings.max_job_priority} for a non-admin key (got {priority}); "
+                      f"an admin key may set up to {MAX_PRIORITY}")
 
 
 def checked_options(config: TrainConfig) -> dict:
@@ -164,7 +179,8 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
     job = Job(id=new_id(), owner=owner, name=body.name, dataset_id=dataset.id, base_model=body.base_model,
               config=checked_options(config), total_steps=steps, state=JobState.queued.value,
               attempt=1, step=0, event_seq=0, idempotency_key=key, request_hash=digest,
-              webhook_url=body.webhook_url)
+              webhook_url=body.webhook_url, priority=body.priority, num_gpus=body.num_gpus,
+              gpu_class=body.gpu_class, min_gpu_memory_gb=body.min_gpu_memory_gb)
     session.add(job)
     try:
         session.flush()
@@ -179,19 +195,33 @@ def submit_job(session: Session, settings: Settings, redis, celery: Celery, prin
             load_dataset(session, principal, body.dataset_id)
             raise
         return _replay(existing, digest, key), False
-    _after_commit(redis, celery, [event], job.id, job.attempt)
+    _after_commit(redis, celery, [event], job.id, job.attempt, session=session, settings=settings)
     return job, True
 
 
 def _after_commit(redis, celery: Celery | None, new_events: list[JobEvent], job_id: str,
-                  attempt: int | None = None) -> None:
+                  attempt: int | None = None, *, session: Session | None = None,
+                  settings: Settings | None = None) -> None:
+    """Publish the events; for a queued attempt, send its wake-up to the job's queue and record
+    that it went (announced_at). A failed send is left to the reaper's sweep (loraq/reaper.py)."""
     events.publish(redis, new_events)
     if celery is None or attempt is None:
         return
+    queue = None
     try:
-        enqueue_job(celery, job_id, attempt)
-    except Exception as error:  # noqa: BLE001 - the row stays queued; a sweep can re-send it
+        if session is not None and settings is not None:
+            queue = job_queue(settings, session.scalar(select(Job.gpu_class).where(Job.id == job_id)))
+        enqueue_job(celery, job_id, attempt, queue)
+    except Exception as error:  # noqa: BLE001 - the row stays queued, unannounced: the sweep re-sends it
         log.warning("job.enqueue_failed job=%s attempt=%s: %s", job_id, attempt, error)
+        return
+    if session is not None:
+        try:
+            mark_announced(session, job_id, attempt)
+            session.commit()
+        except Exception as error:  # noqa: BLE001 - unrecorded: the sweep sends one more wake-up, harmless
+            session.rollback()
+            log.warning("job.announce_unrecorded job=%s attempt=%s: %s", job_id, attempt, error)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +255,15 @@ def _ahead_of(session: Session, job) -> int:
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based place among all queued jobs, oldest first; None unless the job is queued."""
+    """1-based place among the queued jobs that compete with this one for workers, in their claim
+    order (priority, then age; loraq.jobs.ahead_condition); None unless the job is queued."""
     if job.state != JobState.queued.value:
         return None
-    return _ahead_of(session, job) + 1
+    return fleet_queue_position(session, job)
+
+
+# Any queued job with a priority or a GPU class: then positions depend on more than the age.
+_ORDERED_BY_MORE_THAN_AGE = select(exists().where(_QUEUED, or_(Job.priority != 0, Job.gpu_class.is_not(None))))
 
 
 def queue_positions(session: Session, jobs) -> dict[str, int]:
@@ -240,6 +275,8 @@ def queue_positions(session: Session, jobs) -> dict[str, int]:
     queued = sorted((job for job in jobs if job.state == QUEUED), key=lambda job: (job.queued_at, job.id))
     if not queued:
         return {}
+    if session.scalar(_ORDERED_BY_MORE_THAN_AGE):  # priorities or classes in play: one count per job
+        return {job.id: fleet_queue_position(session, job) for job in queued}
     first, last = queued[0], queued[-1]
     ahead = _ahead_of(session, first)
     if len(queued) == 1:
@@ -299,6 +336,8 @@ def _job_fields(job, position: int | None, speed: tuple[float | None, float | No
         progress=progress, last_loss=job.last_loss, dataset_id=job.dataset_id, base_model=job.base_model,
         queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
         error=job.error, attempt=job.attempt, worker=job.worker, queue_position=position,
+        priority=job.priority, num_gpus=job.num_gpus, gpu_class=job.gpu_class,
+        min_gpu_memory_gb=job.min_gpu_memory_gb,
         images_per_s=speed[0], eta_s=speed[1],
     )
 
@@ -321,7 +360,8 @@ def show_job(session: Session, job: Job) -> JobOut:
 # read, a datetime above all, is converted in Python).
 _LIST_COLUMNS = [Job.id, Job.name, Job.state, Job.step, Job.total_steps, Job.last_loss, Job.dataset_id,
                  Job.base_model, Job.queued_at, Job.started_at, Job.finished_at, Job.error, Job.attempt,
-                 Job.worker, cast(Job.config, Text).label("config_json")]
+                 Job.worker, Job.priority, Job.num_gpus, Job.gpu_class, Job.min_gpu_memory_gb,
+                 cast(Job.config, Text).label("config_json")]
 
 
 def _listed_job_json(row, position: int | None, speed: tuple[float | None, float | None]) -> str:
@@ -429,7 +469,7 @@ def retry_job(session: Session, settings: Settings, redis, celery: Celery, job: 
         redis.delete(cancel_key(job.id))
     except redis_lib.RedisError as error:
         log.warning("job.cancel_flag_clear_failed job=%s: %s", job.id, error)
-    _after_commit(redis, celery, [event], job.id, attempt)
+    _after_commit(redis, celery, [event], job.id, attempt, session=session, settings=settings)
     return _reload(session, job)
 
 
