@@ -166,7 +166,8 @@ class ObjectStore:
             raise
 
     def read_range(self, rel: str, start: int, length: int) -> bytes:
-        answer = self.client.get_object(Bucket=self.bucket, Key=self.key(rel), Range=f"bytes={start}-{start + length - 1}")
+        answer = self.client.get_object(Bucket=self.bucket, Key=self.key(rel),
+                                        Range=f"bytes={start}-{start + length - 1}")
         return answer["Body"].read()
 
     def stream(self, rel: str, chunk: int = 1 << 20) -> Iterator[bytes]:

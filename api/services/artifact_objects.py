@@ -43,7 +43,8 @@ def download(session: Session, store: ObjectStore, job: Job, name: str):
         raise NotFound(f"the file of artifact {name!r} of job {job.id} is missing")
     if store.presign:
         return RedirectResponse(store.presigned_url(key, filename), status_code=307)
-    return StreamingResponse(store.stream(key), media_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
+    media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    return StreamingResponse(store.stream(key), media_type=media_type,
                              headers={"content-length": str(size),
                                       "content-disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
 

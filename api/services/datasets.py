@@ -128,7 +128,8 @@ def find_reusable(session: Session, settings: Settings, owner: str, content: str
         query = query.where(Dataset.id != exclude)
     store = object_store.from_settings(settings)
     for dataset in session.scalars(query.order_by(Dataset.created_at, Dataset.id)):
-        if store.exists_prefix(f"datasets/{dataset.id}") if store else storage.dataset_dir(settings, dataset.id).is_dir():
+        stored = store.exists_prefix(f"datasets/{dataset.id}") if store else None
+        if stored or (store is None and storage.dataset_dir(settings, dataset.id).is_dir()):
             return dataset
     return None
 
