@@ -26,6 +26,7 @@ from diffusers.training_utils import cast_training_params
 
 from trainer import checkpoints, control, data, latent_cache, optimizers, validation
 from trainer.config import CommonConfig, ConfigError
+from trainer.ema import EMA_WEIGHTS_NAME, LoraEMA
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
 from trainer.events import Event, EventSink, Throughput, ignore_events
 from trainer.families import Components, Conditioning, Family, get_family
@@ -63,6 +64,7 @@ class Run:
     cache: latent_cache.CachePlan | None = None  # the latent cache, when on
     # The family's training objective: noise and timesteps, noisy input, target, loss.
     objective: object = None
+    ema: LoraEMA | None = None  # the LoRA weights' moving average, when use_ema
 
     @property
     def trainable(self) -> tuple[torch.nn.Module, ...]:
@@ -186,6 +188,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
         num_update_steps_per_epoch=steps_per_epoch,
         latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
         cache=getattr(dataset, "plan", None), objective=family.objective(components, config),
+        ema=LoraEMA(lora_parameters, config.ema_decay) if config.use_ema else None,
     )
 
 
@@ -301,6 +304,8 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
 
             if accelerator.sync_gradients:
                 global_step += 1
+                if run.ema is not None:
+                    run.ema.update()
                 losses.append(train_loss)
                 images_per_s, eta_s = throughput.measure(global_step)
                 emit(Event("step", step=global_step, total_steps=run.max_train_steps, epoch=epoch,
@@ -326,13 +331,16 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
     if accelerator.is_main_process:
         models = run.unwrapped(run.models)
         lora_path = run.family.save_lora(config.output_dir, models)
+        if run.ema is not None:
+            run.ema.save_lora(Path(config.output_dir), lambda folder: run.family.save_lora(folder, models))
         run.family.save_kohya_lora(config.output_dir, config.effective_lora_alpha, models)
         (Path(config.output_dir) / "training_config.json").write_text(config.model_dump_json(indent=2))
         if config.validation_prompt:
             images += _final_validation(run, lora_path.parent, global_step, emit)
     accelerator.end_training()
     emit(Event("done", step=global_step, total_steps=run.max_train_steps, loss=losses[-1] if losses else None,
-               paths=[str(lora_path), str(Path(config.output_dir) / KOHYA_WEIGHTS_NAME)],
+               paths=[str(lora_path), str(Path(config.output_dir) / KOHYA_WEIGHTS_NAME),
+                      *([str(Path(config.output_dir) / EMA_WEIGHTS_NAME)] if run.ema is not None else [])],
                message=f"saved {lora_path}"))
     return TrainResult(lora_path=lora_path, global_step=global_step, losses=losses, validation_images=images)
 
@@ -506,6 +514,9 @@ def _save_checkpoint(run: Run, global_step: int, epoch: int, batches_done: int) 
             lookahead = sampler.position == batches_done + accelerator.num_processes - 1
             rng_before = sampler.rng_at_position if lookahead else None
         checkpoints.write_state(path, state, rng_before, config.model_dump(mode="json"))
+        if run.ema is not None:  # before the plain LoRA file, which marks the folder complete
+            run.ema.save_state(path)
+            run.ema.save_lora(path, lambda folder: run.family.save_lora(folder, run.unwrapped(run.models)))
         run.family.save_lora(path, run.unwrapped(run.models))
     if run.cache is not None:  # what this run encoded so far outlives a crash after this point
         run.cache.cache.publish()
@@ -522,6 +533,8 @@ def _resume(run: Run) -> tuple[int, int]:
         logger.info("no checkpoint in %s yet; starting a new run", config.output_dir)
         return 0, 0
     run.accelerator.load_state(str(path))
+    if run.ema is not None:
+        run.ema.load_state(path)
     state, rng_before = checkpoints.read_state(path)
     run.sampler.resume_point = checkpoints.resume_point(state, rng_before)
     return state.global_step, state.epoch
