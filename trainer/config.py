@@ -88,10 +88,6 @@ class CommonConfig(BaseModel):
     # pytorch_lora_weights_ema.safetensors.
     use_ema: bool = False
     ema_decay: float = Field(default=0.999, gt=0, lt=1)
-    # An exponential moving average of the LoRA weights (trainer/ema.py), saved beside them as
-    # pytorch_lora_weights_ema.safetensors.
-    use_ema: bool = False
-    ema_decay: float = Field(default=0.999, gt=0, lt=1)
 
     # LoRA
     rank: int = Field(default=4, ge=1)
@@ -136,8 +132,6 @@ class CommonConfig(BaseModel):
     def _consistent(self) -> CommonConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on cpu")
-        if self.ema_decay != 0.999 and not self.use_ema:
-            raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.ema_decay != 0.999 and not self.use_ema:
             raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.optimizer == "adamw8bit" and self.device == "cpu":
