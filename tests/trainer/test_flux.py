@@ -199,6 +199,13 @@ def test_same_seed_same_losses_and_cache_on_equals_off(tiny_flux_model, square_d
     assert first.losses == second.losses == cached.losses
 
 
+def test_gradient_checkpointing_gives_the_same_losses(tiny_flux_model, square_data, tmp_path):
+    plain = train(flux_config(tiny_flux_model, square_data, tmp_path / "plain", max_train_steps=2))
+    checkpointed = train(flux_config(tiny_flux_model, square_data, tmp_path / "ckpt", max_train_steps=2,
+                                     gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
 def test_text_encoders_are_freed_when_captions_are_fixed(tiny_flux_model, square_data, tmp_path):
     run = setup(flux_config(tiny_flux_model, square_data, tmp_path, cache_latents=True))
     t5 = weakref.ref(run.components.text_encoder_2)
