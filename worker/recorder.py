@@ -68,6 +68,10 @@ class Recorder:
         """
         # Files are hashed before the transaction opens, so it stays short.
         artifacts = [row for event in batch for row in self._artifacts_of(event) if row]
+        # With an object store, earlier attempts' checkpoints may live on other hosts: only this
+        # attempt's folder (the only one its trainer prunes) tells which ones are gone.
+        store = object_store.from_settings(self.settings)
+        pruned: list[str] = []
         with self._transaction() as (session, added):
             self._fence(session, **_progress(batch))
             for event in batch:
@@ -75,7 +79,9 @@ class Recorder:
             for row in artifacts:
                 _upsert_artifact(session, row)
             if any(event.get("type") == "checkpoint" for event in batch):
-                _forget_pruned_checkpoints(session, self.job_id)
+                pruned = _forget_pruned_checkpoints(session, self.job_id, self.attempt_dir if store else None)
+        for path in pruned if store else []:  # their objects too, once the rows are gone
+            object_store.remove(self.settings, object_store.relative(self.settings, Path(path).parent))
 
     def succeed(self) -> bool:
         """Record the LoRA files and the log, then move the job to succeeded.
@@ -289,10 +295,13 @@ def _upsert_artifact(session: Session, row: dict) -> None:
     session.execute(statement.on_conflict_do_update(index_elements=["job_id", "name"], set_=changes))
 
 
-def _forget_pruned_checkpoints(session: Session, job_id: str) -> None:
-    """Drop the rows of checkpoints the trainer deleted (`checkpoints_total_limit`)."""
+def _forget_pruned_checkpoints(session: Session, job_id: str, within: Path | None = None) -> list[str]:
+    """Drop the rows of checkpoints the trainer deleted (`checkpoints_total_limit`), only those
+    `within` a folder when given; returns their paths."""
     rows = session.execute(select(Artifact.id, Artifact.path).where(
         Artifact.job_id == job_id, Artifact.kind == ArtifactKind.checkpoint.value)).all()
-    gone = [row.id for row in rows if not Path(row.path).is_file()]
+    gone = [row for row in rows if (within is None or within in Path(row.path).parents)
+            and not Path(row.path).is_file()]
     if gone:
-        session.execute(delete(Artifact).where(Artifact.id.in_(gone)))
+        session.execute(delete(Artifact).where(Artifact.id.in_([row.id for row in gone])))
+    return [row.path for row in gone]

@@ -70,7 +70,7 @@ def test_job_on_object_store_without_shared_directory(settings, tmp_path, tiny_m
         thumbnail = service.client.get(f"/v1/datasets/{dataset_id}/thumbnails/0")
         assert thumbnail.status_code == 200 and thumbnail.content[:4] == b"\x89PNG"
 
-        job = submit(service, dataset_id, max_train_steps=6, checkpointing_steps=3)
+        job = submit(service, dataset_id, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2)
         finished = service.wait_for(job["id"], {"succeeded", "failed", "canceled"}, timeout=300)
         assert finished["state"] == "succeeded", service.tail()
 
@@ -78,23 +78,26 @@ def test_job_on_object_store_without_shared_directory(settings, tmp_path, tiny_m
         assert (worker_dir / "datasets" / dataset_id).is_dir()
         assert not (settings.data_dir / "jobs" / job["id"]).exists()
         job_keys = keys(client, bucket, f"loraq/jobs/{job['id']}/")
-        assert f"loraq/jobs/{job['id']}/attempt-1/checkpoint-3/trainer_state.json" in job_keys
+        assert f"loraq/jobs/{job['id']}/attempt-1/checkpoint-4/trainer_state.json" in job_keys
+        # checkpoint-2, pruned by the trainer (checkpoints_total_limit), left the store too.
+        assert not any("/checkpoint-2/" in key for key in job_keys), job_keys
 
         artifacts = {a["name"]: a for a in service.client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
-        for name in ("pytorch_lora_weights.safetensors", "checkpoint-3/pytorch_lora_weights.safetensors",
+        assert "checkpoint-2/pytorch_lora_weights.safetensors" not in artifacts
+        for name in ("pytorch_lora_weights.safetensors", "checkpoint-4/pytorch_lora_weights.safetensors",
                      "checkpoint-6/pytorch_lora_weights.safetensors"):
             download = service.client.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
             assert download.status_code == 200, (name, download.text)
             assert hashlib.sha256(download.content).hexdigest() == artifacts[name]["sha256"], name
             assert len(download.content) == artifacts[name]["size"]
         assert artifacts["pytorch_lora_weights.safetensors"]["metadata"], "read from the object's header"
-        zipped = service.client.get(f"/v1/jobs/{job['id']}/artifacts/checkpoint-3.zip")
+        zipped = service.client.get(f"/v1/jobs/{job['id']}/artifacts/checkpoint-4.zip")
         assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
         assert service.client.get(f"/v1/jobs/{job['id']}/artifacts/nothing.bin").status_code == 404
 
         # LORAQ_S3_PRESIGN: a 307 to a URL the store itself answers with the same bytes.
         with another_api(service, tmp_path / "logs", LORAQ_S3_PRESIGN="true") as presigning:
-            name = "checkpoint-3/pytorch_lora_weights.safetensors"
+            name = "checkpoint-4/pytorch_lora_weights.safetensors"
             redirect = presigning.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
             assert redirect.status_code == 307 and redirect.headers["location"].startswith(endpoint)
             fetched = httpx.get(redirect.headers["location"])
