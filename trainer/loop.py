@@ -287,6 +287,8 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
               "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device)},
     ))
     _prepare_cache(run, emit)  # after `start`, which says what the run is; before the first step
+    # Save-now / sample-now requests arrive as files in the output folder; rank 0 reads them.
+    control.watch_requests(config.output_dir if accelerator.is_main_process else None)
     _release_text_encoders(run)
     throughput = Throughput(total_batch, run.max_train_steps, global_step)
     losses: list[float] = []
@@ -313,13 +315,20 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
                            images_per_s=images_per_s, eta_s=eta_s))
                 train_loss = 0.0
                 stopping = control.stop_requested()  # read once: asked to hand over (trainer/control.py)
-                if global_step % config.checkpointing_steps == 0 or stopping:
+                requested = control.take_requests()  # save now / sample now (trainer/control.py)
+                scheduled = global_step % config.checkpointing_steps == 0 or stopping
+                if scheduled or "checkpoint" in requested:
                     batches_done = start_position + (step + 1) * accelerator.num_processes
-                    emit(_save_checkpoint(run, global_step, epoch, batches_done))
+                    event = _save_checkpoint(run, global_step, epoch, batches_done)
+                    if not scheduled:
+                        event.data, event.message = {"requested": True}, "saved on request"
+                    emit(event)
                 if stopping:
                     raise control.StopRequested(global_step)
                 if config.validation_steps and global_step % config.validation_steps == 0:
                     images += _validate(run, f"step-{global_step:06d}", global_step, emit)
+                elif "sample" in requested:  # a scheduled one at this step already serves it
+                    images += _validate(run, f"now-step-{global_step:06d}", global_step, emit)
             if global_step >= run.max_train_steps:
                 break
 
