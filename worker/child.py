@@ -242,7 +242,10 @@ def _child_main(config, read_fd: int, write_fd: int, log_path: str, parent_pid: 
     _detach(parent_pid)
     control.reset()
     control.stop_on_signal(STOP_SIGNAL)
-    peers = _start_peers(config, num_processes, write_fd, log_path, mask) if num_processes > 1 else None
+    peers = None
+    if num_processes > 1:
+        config = _distributed_device(config)
+        peers = _start_peers(config, num_processes, write_fd, log_path, mask)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop sent since the fork arrives now
     log_file = _redirect_output(log_path)
     if peers is not None:
@@ -382,6 +385,19 @@ def _start_peers(config, num_processes: int, write_fd: int, log_path: str, mask)
                 os._exit(code)
         pids[pid] = rank
     return _Peers(pids, log_path)
+
+
+def _distributed_device(config):
+    """`auto` with no CUDA device means the CPU, said explicitly: accelerate starts gloo processes
+    only when told `cpu` (with `auto` each rank would train alone, as rank 0 of 1)."""
+    if getattr(config, "device", None) != "auto":
+        return config
+    # NVML's count, not the CUDA runtime's: the ranks are forked after this, and a CUDA runtime
+    # initialised before a fork is unusable in the children.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return config if torch.cuda.is_available() else config.model_copy(update={"device": "cpu"})
 
 
 def _share_cpu_threads(config, num_processes: int) -> None:
