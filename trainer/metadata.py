@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Iterator
 
 TRAINER_VERSION = "loraq-trainer 0.1.0"
-ARCHITECTURES = {"sd": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
-BASE_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURES = {"sd": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base", "flux": "flux-1-dev",
+                 "sd3": "stable-diffusion-v3-medium"}
+BASE_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
+# Flow-matching families have no DDPM prediction type: they predict the velocity `noise - x`.
+FLOW_FAMILIES = frozenset({"flux", "sd3"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -59,7 +62,7 @@ class MetadataRecorder:
         steps = int(checkpoint.group(1)) if checkpoint else (self.step or self.total_steps or 0)
         base = config.pretrained_model_name_or_path
         base_name = Path(base).name if Path(base).exists() else base
-        prediction = config.prediction_type or "epsilon"
+        prediction = "flow" if family in FLOW_FAMILIES else (getattr(config, "prediction_type", None) or "epsilon")
         alpha = getattr(config, "effective_lora_alpha", None) or config.lora_alpha or config.rank
         resolution = config.resolution
         from trainer.optimizers import describe as describe_optimizer  # torch; loaded on use
@@ -81,7 +84,8 @@ class MetadataRecorder:
             "ss_batch_size_per_device": str(config.train_batch_size),
             "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
             "ss_mixed_precision": config.mixed_precision, "ss_seed": str(config.seed),
-            "ss_noise_offset": str(config.noise_offset), "ss_min_snr_gamma": str(config.snr_gamma),
+            "ss_noise_offset": str(getattr(config, "noise_offset", None)),
+            "ss_min_snr_gamma": str(getattr(config, "snr_gamma", None)),
             "ss_v2": str(False), "ss_v_parameterization": str(prediction == "v_prediction"),
             "ss_prediction_type": prediction, "ss_training_started_at": str(self.started_at),
             "ss_training_finished_at": str(now), "ss_training_comment": TRAINER_VERSION,
@@ -91,7 +95,7 @@ class MetadataRecorder:
             "modelspec.implementation": "https://github.com/huggingface/diffusers",
             "modelspec.title": f"{base_name} LoRA ({Path(config.output_dir).name})",
             "modelspec.resolution": f"{resolution}x{resolution}",
-            "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+            "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction),
             "modelspec.date": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "modelspec.trainer": TRAINER_VERSION,
         }

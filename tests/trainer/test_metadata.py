@@ -63,3 +63,17 @@ def test_no_recording_writes_no_training_keys(tmp_path, sample_data, tiny_model)
     train(config)
     assert "ss_steps" not in header(tmp_path / "out" / LORA_WEIGHTS_NAME)
     assert header(tmp_path / "out" / KOHYA_WEIGHTS_NAME)["ss_network_module"] == "networks.lora"
+
+
+@pytest.mark.parametrize("family, architecture, version", [
+    ("flux", "flux-1-dev/lora", "flux1"),
+    ("sd3", "stable-diffusion-v3-medium/lora", "sd3"),
+])
+def test_flow_matching_families_are_labelled_flow(tmp_path, sample_data, family, architecture, version):
+    # A flow-matching LoRA must not claim a DDPM prediction type: loaders pick the sampler from it.
+    config = load_config({"pretrained_model_name_or_path": str(tmp_path / "model"), "train_data_dir": str(sample_data),
+                          "output_dir": str(tmp_path / "out"), "resolution": 32, "max_train_steps": 4}, family)
+    meta = metadata.MetadataRecorder(config).build(tmp_path / "out")
+    assert meta["modelspec.architecture"] == architecture and meta["ss_base_model_version"] == version
+    assert meta["ss_prediction_type"] == "flow" and meta["modelspec.prediction_type"] == "flow"
+    assert meta["ss_v_parameterization"] == "False"
