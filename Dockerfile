@@ -61,4 +61,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["pyt
 # The API; the compose file runs the worker (`python -m worker`) and the migrations
 # (`python -m loraq.deploy init`) from the same image. Without compose, run that init once first:
 #   docker run --rm -v loraq-data:/data loraq:cpu python -m loraq.deploy init
+# uvicorn takes its worker count from WEB_CONCURRENCY (docker-compose.yml sets it from LORAQ_API_WORKERS).
 CMD ["uvicorn", "api.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5"]
