@@ -18,7 +18,7 @@ from starlette.routing import Match
 
 from api.deps import get_principal
 from api.routes import artifacts, datasets, events, health, jobs, keys, models
-from api.routes import metrics, pages, webhooks, workers
+from api.routes import job_actions, metrics, pages, webhooks, workers
 from api.schemas import AUTH_ERRORS
 from loraq.auth import admin_key_path, ensure_admin_key
 from loraq.db import make_engine, make_session_factory
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(store_error, _unexpected_error)
     app.add_exception_handler(Exception, _unexpected_error)
     # Every /v1 route needs a key; pages and /healthz do not.
-    for module in (datasets, jobs, events, artifacts, models, keys, webhooks, workers):
+    for module in (datasets, jobs, job_actions, events, artifacts, models, keys, webhooks, workers):
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_principal)],
                            responses=AUTH_ERRORS)
     app.include_router(health.router)

@@ -327,6 +327,22 @@ def jobs_retry(ctx, job_id):
     click.echo(f"{job.id} {job.state} (attempt {job.attempt})")
 
 
+@jobs.command("checkpoint")
+@click.argument("job_id")
+@click.pass_context
+def jobs_checkpoint(ctx, job_id):
+    """Save a checkpoint of a running job at its next step."""
+    click.echo(f"{job_id}: {_client(ctx).checkpoint_now(job_id)['message']}")
+
+
+@jobs.command("sample")
+@click.argument("job_id")
+@click.pass_context
+def jobs_sample(ctx, job_id):
+    """Render a running job's validation prompt at its next step."""
+    click.echo(f"{job_id}: {_client(ctx).sample_now(job_id)['message']}")
+
+
 @jobs.command("logs")
 @click.argument("job_id")
 @click.option("-f", "--follow", "follow_", is_flag=True, help="follow live until the job ends")

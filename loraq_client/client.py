@@ -440,6 +440,15 @@ class Client:
     def retry(self, job_id: str) -> Job:
         return _build(Job, self._request("POST", self._job_path(job_id) + "/retry").json())
 
+    def checkpoint_now(self, job_id: str) -> dict:
+        """Ask a running job for a checkpoint at its next step (202; 409 unless running)."""
+        return self._request("POST", self._job_path(job_id) + "/checkpoint").json()
+
+    def sample_now(self, job_id: str) -> dict:
+        """Ask a running job for validation images at its next step (202; 409 unless running
+        with a validation_prompt)."""
+        return self._request("POST", self._job_path(job_id) + "/sample").json()
+
     def delete_job(self, job_id: str) -> None:
         self._request("DELETE", self._job_path(job_id))
 

@@ -210,7 +210,8 @@ class Recorder:
             added.append(events.append_event(session, self.job_id, events.PREPARE, _public(event)))
         elif kind == "checkpoint":
             added.append(events.append_event(session, self.job_id, events.CHECKPOINT, {
-                "step": event["step"], "artifacts": [f"{Path(p).name}/{LORA_WEIGHTS_NAME}" for p in event["paths"]]}))
+                "step": event["step"], "artifacts": [f"{Path(p).name}/{LORA_WEIGHTS_NAME}" for p in event["paths"]],
+                **({"requested": True} if (event.get("data") or {}).get("requested") else {})}))
         elif kind == "validation":
             added.append(events.append_event(session, self.job_id, events.SAMPLE, {
                 "step": event["step"], "message": event.get("message"),

@@ -21,10 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraq import events, jobs
 from loraq.db import make_engine, make_session_factory
 from loraq.errors import AppError, unavailable_store
+from loraq.job_actions import ACTIONS, action_key
 from loraq.limits import WallClock
 from loraq.models import Dataset, Job, JobState
 from loraq.queue import MAX_ATTEMPT_S, announce, make_celery
 from loraq.settings import Settings
+from trainer import control
 from trainer.checkpoints import remove_incomplete
 from worker.child import TrainingProcess, free_bytes
 from worker.job_config import build_train_config
@@ -208,6 +210,7 @@ class Supervisor:
         self._next_heartbeat = time.monotonic() + settings.heartbeat_s
         self._renewed_at = time.monotonic()  # the claim set the lease
         self._next_state_check = 0.0
+        self._next_action_check = 0.0
         # The Celery time limits need the prefork pool; with solo the supervisor enforces it.
         self._deadline = time.monotonic() + MAX_ATTEMPT_S
         self._redis_failed = False
@@ -248,6 +251,7 @@ class Supervisor:
         while not self.process.finished:
             self._read_events()
             self._sync()
+            self._forward_actions()
             if self._canceling:
                 self.process.stop()
                 self._remove_incomplete()
@@ -474,6 +478,26 @@ class Supervisor:
                 log.warning("job.cancel_flag_unreadable job=%s: %s", self.job_id, error)
                 self._redis_failed = True
             return False
+
+    def _forward_actions(self) -> None:
+        """Hand save-now / sample-now requests (POST /v1/jobs/{id}/checkpoint, /sample) to the
+        training process as request files in the attempt's folder; it serves them at its next
+        step boundary (trainer/control.py) with the usual checkpoint / validation events."""
+        now = time.monotonic()
+        if now < self._next_action_check:
+            return
+        self._next_action_check = now + STATE_CHECK_S
+        try:
+            with self.resources.redis.pipeline() as pipe:  # MULTI: read and clear in one go
+                pipe.lrange(action_key(self.job_id), 0, -1)
+                pipe.delete(action_key(self.job_id))
+                actions = pipe.execute()[0]
+        except redis_lib.RedisError:
+            return  # Redis is away: the request waits in the list (or expires); nothing else depends on it
+        for action in {a.decode() if isinstance(a, bytes) else str(a) for a in actions}:
+            if action in ACTIONS:
+                control.request(self.recorder.attempt_dir, action)
+                log.info("job.action job=%s attempt=%s action=%s", self.job_id, self.attempt, action)
 
     def _forget_cancel_key(self) -> None:
         try:

@@ -161,3 +161,22 @@ def test_delete_jobs_and_a_dataset(service, browse, tmp_path):
         assert service.client.get(f"/v1/jobs/{job['id']}").status_code == 404
     assert service.client.get(f"/v1/datasets/{dataset_id}").status_code == 404
     assert seen["empty_jobs"].startswith("No jobs yet") and seen["empty_datasets"].startswith("No datasets yet")
+
+
+def test_save_now_and_sample_now_from_the_job_page(service, browse, tmp_path):
+    # given a long running job with a validation prompt and nothing scheduled
+    job = submit(service, upload(service, tmp_path), max_train_steps=5000, checkpointing_steps=100000,
+                 validation_steps=100000, validation_prompt="a red circle", num_validation_images=1,
+                 validation_inference_steps=2)
+    service.wait_for(job["id"], {"running"})
+
+    # when the browser clicks "Save checkpoint now" and "Sample now" on its page
+    seen = browse("job_actions.mjs", job_id=job["id"])
+
+    # then a checkpoint and an image appeared on the page without a reload, as the server has them
+    assert seen["checkpoints_before"] == 0 and seen["images_before"] == 0
+    assert len(seen["checkpoint_names"]) == 1 and len(seen["gallery_steps"]) == 1 and seen["same_document"]
+    kinds = {a["kind"] for a in service.client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert {"checkpoint", "sample"} <= kinds
+    service.client.post(f"/v1/jobs/{job['id']}/cancel")
+    service.wait_for(job["id"], {"canceled"})

@@ -2,9 +2,9 @@
 // epoch, images/s and ETA; validation images by step as they arrive; downloads; the config; the
 // error of a failed job; cancel, retry and delete. Everything live comes from the job's event stream.
 
-import {get, isAbort} from '../api.js';
+import {get, isAbort, post} from '../api.js';
 import {lineChart, smooth} from '../chart.js';
-import {h, progressBar, replace, stateBadge} from '../dom.js';
+import {h, progressBar, replace, stateBadge, toast} from '../dom.js';
 import * as fmt from '../format.js';
 import {followJobEvents} from '../sse.js';
 import {FINAL_STATES, canCancel, canDelete, canRetry, deleteJob, errorNotice, jobAction, jobTitle} from './common.js';
@@ -120,6 +120,8 @@ export function jobPage(main, ctx) {
     view.cancel.hidden = !canCancel(job);
     view.retry.hidden = !canRetry(job);
     view.remove.hidden = !canDelete(job);
+    view.saveNow.hidden = job.state !== 'running';
+    view.sampleNow.hidden = job.state !== 'running' || !job.config?.validation_prompt;
     view.error.hidden = !job.error;
     view.errorText.textContent = job.error || '';
     replace(view.config, configTable(job.config));
@@ -171,6 +173,21 @@ export function jobPage(main, ctx) {
     if (action === 'retry') follow(); // the old stream ended with the job; resume after its last event
   }
   view.cancel.addEventListener('click', () => act('cancel', view.cancel));
+  // Save now / sample now: served at the job's next step; the checkpoint and images then arrive
+  // on the event stream like scheduled ones (downloads, gallery).
+  async function askNow(action, button) {
+    button.disabled = true;
+    try {
+      const answer = await post(`/v1/jobs/${encodeURIComponent(job.id)}/${action}`);
+      toast(`${jobTitle(job)}: ${answer.message}`);
+    } catch (error) {
+      if (!isAbort(error)) toast(`Could not ${action === 'checkpoint' ? 'save a checkpoint' : 'sample'}: ${error.message}`, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  }
+  view.saveNow.addEventListener('click', () => askNow('checkpoint', view.saveNow));
+  view.sampleNow.addEventListener('click', () => askNow('sample', view.sampleNow));
   view.retry.addEventListener('click', () => act('retry', view.retry));
   view.remove.addEventListener('click', async () => {
     view.remove.disabled = true;
@@ -203,6 +220,8 @@ function layout(main) {
     title: h('h1', {text: 'Job'}),
     badge: h('span'),
     live: h('span', {class: 'live muted small', 'aria-live': 'polite'}),
+    saveNow: h('button', {type: 'button', id: 'save-now', text: 'Save checkpoint now', hidden: true}),
+    sampleNow: h('button', {type: 'button', id: 'sample-now', text: 'Sample now', hidden: true}),
     cancel: h('button', {type: 'button', text: 'Cancel', hidden: true}),
     retry: h('button', {type: 'button', text: 'Retry', hidden: true}),
     remove: h('button', {type: 'button', class: 'danger', text: 'Delete', hidden: true}),
@@ -223,7 +242,7 @@ function layout(main) {
   main.append(
     h('p', {class: 'crumbs'}, h('a', {href: '/jobs', text: '← Jobs'})),
     h('div', {class: 'page-head'}, h('div', {class: 'title-line'}, view.title, view.badge, view.live),
-      h('div', {class: 'actions'}, view.cancel, view.retry, view.remove)),
+      h('div', {class: 'actions'}, view.saveNow, view.sampleNow, view.cancel, view.retry, view.remove)),
     view.problem, view.error,
     h('section', {class: 'card'}, view.progress, h('div', {class: 'stats'}, step, epoch, speed, eta, loss)),
     h('div', {class: 'grid-2'},
