@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
     offers = capabilities(settings)
     stop = start_heartbeat(client, name, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "queue": ",".join(worker_queues(settings, offers.gpu_class)),
+                                          # `queue`: the default one it shares with every worker (the
+                                          # workers page filters on it); `queues`: its class's too.
+                                          "queue": settings.queue_name,
+                                          "queues": worker_queues(settings, offers.gpu_class),
                                           "device": settings.worker_device, "gpu_class": offers.gpu_class,
                                           "gpus": offers.gpus, "gpu_memory_gb": offers.memory_gb})
     # Every worker also reaps expired leases (jobs of workers that died); concurrent reapers are safe.

@@ -51,13 +51,17 @@ def register(app: Celery, settings: Settings) -> Task:
             raise Reject("worker shutting down", requeue=True)
         worker = f"{self.request.hostname}:{os.getpid()}"
         outcome = "idle"
+        tried = 0
         try:
-            for _ in range(MAX_JOBS_PER_WAKEUP):
+            for tried in range(MAX_JOBS_PER_WAKEUP):
                 if stopping is not None and stopping.requested.is_set():
                     break
                 with resources.get().sessions() as session:
                     picked = jobs.next_queued(session, offers.gpu_class, offers.gpus, offers.memory_gb)
                 if picked is None:
+                    if tried == 0:  # under the name a lost claim race has (runner.py)
+                        log.info("job.claim_rejected job=%s attempt=%s worker=%s: no queued job this worker fits",
+                                 job_id, attempt, worker)
                     break
                 try:
                     outcome = runner.run_job(settings, *picked, worker=worker, resources=resources.get(),
