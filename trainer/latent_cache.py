@@ -25,9 +25,10 @@ output folder, since /tmp may be RAM) and removed at the end. With
 
 `key` hashes everything the entries depend on besides the image itself: the model's encoders
 (the files' sizes and modification times, their configs' content), resolution, crop,
-interpolation, dtype, device type and the family. An image entry's own key is its path in the
-dataset with its size and modification time (or, for a zip, the zip's entry list with CRCs), so
-an edited image is a new entry, and two jobs over one dataset (a sweep) share every entry.
+interpolation, dtype, device type and the family. An image entry's own key is the sha256 of the
+file's bytes plus the orientation, a caption's the sha256 of its text: an edited image is a new
+entry whatever its name, size and modification time; the same images anywhere (a sweep over one
+dataset, a second upload, a copy) share every entry. Each file is read and hashed once per run.
 
 Safety. A run writes new entries to its own temporary segment and publishes it by renaming it
 (atomic) after writing `COMPLETE`, at each checkpoint and at a clean end; a crashed run leaves a
@@ -51,7 +52,6 @@ import socket
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,29 +81,37 @@ def file_stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def image_keys(folder: Path, paths: Iterable[Path], train_data_dir: str | Path | None = None) -> list[str]:
-    """One key per image: its path inside the dataset and its size and modification time.
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (reading and hashing costs far less than decoding it)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
-    A zip is extracted afresh for every run (new modification times), so there the stamp is the
-    zip's own entry list (names, sizes, CRCs) instead, which changes whenever any entry does.
+
+def image_keys(folder: Path, paths: Iterable[Path], train_data_dir: str | Path | None = None,
+               memo: dict[tuple[str, int, int], str] | None = None) -> list[str]:
+    """One key per image: the sha256 of its bytes (the first 128 bits).
+
+    The content, not the path: where the images sit, what they are called and when they were
+    written determine nothing an entry holds, and keying by them let two datasets with a file of
+    the same name, size and modification time but different pixels (copied with `cp -a`, then
+    edited in place; extracted with their timestamps kept) share latents, while two uploads of the
+    same images never did. `folder` and `train_data_dir` (a zip, already extracted into `folder`)
+    no longer enter the key.
+
+    Each file is read and hashed once per run: `memo` maps (path, size, mtime_ns) to its key for
+    the run that passes it (by default this call). It must not outlive the run: a file edited in
+    place keeping its size and modification time would keep its old key.
     """
-    source = Path(train_data_dir) if train_data_dir is not None else None
-    zip_stamp = None
-    if source is not None and source.is_file() and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as zf:
-            listing = "\n".join(f"{i.filename}\0{i.file_size}\0{i.CRC}" for i in zf.infolist())
-        zip_stamp = hashlib.sha256(listing.encode()).hexdigest()[:32]
+    memo = {} if memo is None else memo
     keys = []
-    prefix = str(folder).rstrip(os.sep) + os.sep
     for path in paths:
-        text = str(path)  # string slicing: pathlib's relative_to costs more than the stat here
-        rel = text[len(prefix):].replace(os.sep, "/") if text.startswith(prefix) else path.relative_to(folder).as_posix()
-        if zip_stamp is not None:
-            stamp = zip_stamp
-        else:
-            stat = os.stat(text)
-            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-        keys.append(hashlib.sha256(f"{rel}\0{stamp}".encode()).hexdigest()[:32])
+        text = os.fspath(path)
+        stat = os.stat(text)
+        stamp = (text, stat.st_size, stat.st_mtime_ns)
+        key = memo.get(stamp)
+        if key is None:
+            key = memo[stamp] = file_digest(text)[:32]
+        keys.append(key)
     return keys
 
 
@@ -139,7 +147,13 @@ def model_identity(source: str, revision: str | None = None, variant: str | None
     return digest.hexdigest()
 
 
+# How entries inside a key's folder are keyed; part of the folder's key, so segments keyed
+# otherwise (images by path, size and mtime, before) live apart, are never loaded, and age out.
+ENTRY_KEYS = "sha256-of-content"
+
+
 def cache_key(fields: dict) -> str:
+    fields = {**fields, "entry_keys": ENTRY_KEYS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from trainer import latent_cache
 from trainer.config import load_config
@@ -146,10 +147,81 @@ def test_an_edited_image_is_a_new_entry(tiny_model, data_dir, tmp_path):
     common = dict(random_flip=False, max_train_steps=1, cache_dir=str(root), cache_upfront=True)
     _, first = run(tiny_model, folder, tmp_path / "a", **common)
     image = sorted(folder.glob("*.png"))[0]
-    image.write_bytes((sorted(folder.glob("*.png"))[1]).read_bytes())  # new content, new size/mtime
-    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+    other = write_sample_dataset(tmp_path / "other", n_images=1, size=32, seed=1)
+    image.write_bytes((other / "0000.png").read_bytes())  # an image neither run has seen
     _, second = run(tiny_model, folder, tmp_path / "b", **common)
     assert prepares(first)[-1]["total"] == 4 and prepares(second)[-1]["total"] == 1  # only that image again
+
+
+def _stored_copy(source: Path, target: Path, change=None) -> Path:
+    """`source`'s images saved as uncompressed PNGs (the byte length then depends only on the
+    image's size), optionally changed by `change`, with the same captions."""
+    target.mkdir(parents=True)
+    for image in sorted(source.glob("*.png")):
+        with Image.open(image) as opened:
+            pixels = opened.convert("RGB")
+        (change(pixels) if change else pixels).save(target / image.name, compress_level=0)
+        (target / image.name).with_suffix(".txt").write_bytes(image.with_suffix(".txt").read_bytes())
+    return target
+
+
+def test_same_names_sizes_and_times_but_other_pixels_share_nothing(tiny_model, data_dir, tmp_path):
+    """Two datasets whose files agree in name, byte length and modification time but not in
+    pixels (as a `cp -a` copy edited in place, or an archive extracted with its timestamps): the
+    second run encodes its own images, and trains to its own uncached losses."""
+    first = _stored_copy(data_dir, tmp_path / "first")
+    second = _stored_copy(data_dir, tmp_path / "second", ImageOps.invert)
+    for a in sorted(first.iterdir()):
+        b = second / a.name
+        if a.suffix == ".png":
+            assert a.stat().st_size == b.stat().st_size and a.read_bytes() != b.read_bytes()
+        os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+        assert b.stat().st_mtime_ns == a.stat().st_mtime_ns
+    root = tmp_path / "cache"
+    common = dict(random_flip=False, max_train_steps=3, cache_dir=str(root), cache_upfront=True)
+    first_losses, _ = run(tiny_model, first, tmp_path / "a", **common)
+    losses, events = run(tiny_model, second, tmp_path / "b", **common)
+    uncached, _ = run(tiny_model, second, tmp_path / "plain", **{**common, "cache_latents": False})
+    same(losses, uncached)
+    assert losses != pytest.approx(first_losses, rel=1e-5, abs=1e-6), "the datasets train differently"
+    assert prepares(events)[-1]["total"] == 6, "its six images were missing; the (same) captions were not"
+    assert published(root) == [{LATENT: 6, TEXT: 6}, {LATENT: 6}]
+
+
+def test_a_copy_with_new_times_elsewhere_reuses_the_entries(tiny_model, data_dir, tmp_path):
+    """The same images uploaded again (another folder, new modification times): nothing is
+    encoded, every entry comes from the first run's segment."""
+    root = tmp_path / "cache"
+    common = dict(random_flip=True, max_train_steps=6, cache_dir=str(root), cache_upfront=True)
+    run(tiny_model, data_dir, tmp_path / "a", **common)
+    copy = tmp_path / "upload" / "data"
+    copy.mkdir(parents=True)
+    later = time.time_ns() + 10**9
+    for file in sorted(data_dir.iterdir()):
+        (copy / file.name).write_bytes(file.read_bytes())
+        os.utime(copy / file.name, ns=(later, later))
+        assert (copy / file.name).stat().st_mtime_ns != file.stat().st_mtime_ns
+    losses, events = run(tiny_model, copy, tmp_path / "b", **common)
+    plain, _ = run(tiny_model, copy, tmp_path / "plain", **{**common, "cache_latents": False})
+    same(losses, plain)
+    assert prepares(events) == [{"done": 6 * 2 + 6, "total": 6 * 2 + 6, "mode": "as_you_go"}], "all found"
+    assert published(root) == [{LATENT: 12, TEXT: 6}], "nothing new was encoded or published"
+
+
+def test_image_keys_follow_content_and_read_each_file_once_per_run(tmp_path, monkeypatch):
+    a, b, c = (tmp_path / name for name in ("a.png", "b.png", "c.png"))
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    c.write_bytes(b"other byte")
+    os.utime(c, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    reads = []
+    digest = latent_cache.file_digest
+    monkeypatch.setattr(latent_cache, "file_digest", lambda path: reads.append(path) or digest(path))
+    memo: dict = {}
+    keys = latent_cache.image_keys(tmp_path, [a, b, c, a], memo=memo)
+    assert keys[0] == keys[1] == keys[3] != keys[2]
+    assert latent_cache.image_keys(tmp_path, [a], memo=memo) == keys[:1]
+    assert len(reads) == 3, "a path read once in a run, however often it is listed or asked for"
 
 
 # --------------------------------------------------------------------------------------------
