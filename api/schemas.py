@@ -222,6 +222,8 @@ class JobOut(BaseModel):
     images_per_s: float | None = Field(default=None, description="training speed at the last step; null unless running")
     eta_s: float | None = Field(default=None, description="seconds left at the pace of the last steps; null unless running")
     webhook_url: str | None = Field(default=None, description="where state changes are POSTed (GET /v1/jobs/{id} only)")
+    best_checkpoint: str | None = Field(default=None, description="the checkpoint with the lowest validation loss "
+                                       "(its artifact's name; GET /v1/jobs/{id} only; download: /v1/jobs/{id}/best_checkpoint)")
     webhook_deliveries: list[WebhookDeliveryOut] | None = Field(
         default=None, description="each state change's delivery to webhook_url (GET /v1/jobs/{id} only)")
 
@@ -240,6 +242,7 @@ class MetricOut(BaseModel):
     grad_norm: float | None
     epoch: int | None
     images_per_s: float | None
+    validation_loss: float | None = None
     time: UtcDatetime
 
 

@@ -102,6 +102,8 @@ class Job(Base):
     # When the current attempt's wake-up was last sent (None: never, or it failed); the reaper
     # re-sends one for a job queued a while with none (loraq/reaper.py, sweep_unannounced).
     announced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The kept checkpoint with the lowest validation loss (its LoRA artifact's name), when measured.
+    best_checkpoint: Mapped[str | None] = mapped_column(String(300))
 
 
 class JobMetric(Base):
@@ -116,6 +118,7 @@ class JobMetric(Base):
     grad_norm: Mapped[float | None] = mapped_column(Float)
     epoch: Mapped[int | None] = mapped_column(Integer)
     images_per_s: Mapped[float | None] = mapped_column(Float)
+    validation_loss: Mapped[float | None] = mapped_column(Float)  # held-out loss, at the steps measured
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

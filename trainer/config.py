@@ -120,6 +120,12 @@ class CommonConfig(BaseModel):
     validation_epochs: int = Field(default=1, ge=1)
     validation_steps: int | None = Field(default=None, ge=1)
     validation_inference_steps: int = Field(default=30, ge=1)
+    # Validation loss (trainer/validation_loss.py) on a held-out share of the images or a separate
+    # folder, with fixed noise and timesteps; measured every validation_loss_steps (default: at
+    # each checkpoint) and at the end.
+    validation_split: float | None = Field(default=None, gt=0, lt=1)
+    validation_data_dir: str | None = None
+    validation_loss_steps: int | None = Field(default=None, ge=1)
 
     @field_validator("resolution")
     @classmethod
@@ -132,6 +138,10 @@ class CommonConfig(BaseModel):
     def _consistent(self) -> CommonConfig:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on cpu")
+        if self.validation_split and self.validation_data_dir:
+            raise ValueError("validation_split: give either validation_split or validation_data_dir, not both")
+        if self.validation_loss_steps and not (self.validation_split or self.validation_data_dir):
+            raise ValueError("validation_loss_steps: set validation_split or validation_data_dir too")
         if self.ema_decay != 0.999 and not self.use_ema:
             raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.optimizer == "adamw8bit" and self.device == "cpu":

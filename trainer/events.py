@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 # `prepare`: the latent cache's plan and, when it encodes up front, its progress (data: done, total,
 # mode "upfront" or "as_you_go"; images_per_s and eta_s while it encodes).
-EventType = Literal["start", "prepare", "step", "checkpoint", "validation", "done", "error"]
+# `validation_loss`: the held-out loss at a step (trainer/validation_loss.py), in `validation_loss`.
+EventType = Literal["start", "prepare", "step", "checkpoint", "validation", "validation_loss", "done", "error"]
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Event:
     paths: list[str] | None = None
     message: str | None = None
     data: dict | None = None
+    validation_loss: float | None = None
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers.training_utils import cast_training_params
 
-from trainer import checkpoints, control, data, latent_cache, optimizers, validation
+from trainer import checkpoints, control, data, latent_cache, optimizers, validation, validation_loss
 from trainer.config import CommonConfig, ConfigError
 from trainer.ema import EMA_WEIGHTS_NAME, LoraEMA
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
@@ -65,6 +65,8 @@ class Run:
     # The family's training objective: noise and timesteps, noisy input, target, loss.
     objective: object = None
     ema: LoraEMA | None = None  # the LoRA weights' moving average, when use_ema
+    # The held-out loss (validation_split / validation_data_dir), when on.
+    validator: validation_loss.ValidationLoss | None = None
 
     @property
     def trainable(self) -> tuple[torch.nn.Module, ...]:
@@ -91,6 +93,9 @@ class TrainResult:
     global_step: int
     losses: list[float]
     validation_images: list[str]
+    # The held-out loss by step, and the kept checkpoint with the lowest one (validation loss on).
+    validation_losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    best_checkpoint: Path | None = None
 
 
 def train(config: CommonConfig, on_event: EventSink = ignore_events) -> TrainResult:
@@ -189,7 +194,15 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
         latent_memory_format=getattr(dataset, "memory_format", torch.contiguous_format),
         cache=getattr(dataset, "plan", None), objective=family.objective(components, config),
         ema=LoraEMA(lora_parameters, config.ema_decay) if config.use_ema else None,
+        validator=_validator(config, family, data_folder or Path(config.train_data_dir), components),
     )
+
+
+def _validator(config: CommonConfig, family: Family, folder: Path, components: Components):
+    held_out = validation_loss.held_out_examples(config, family, folder)
+    if (config.validation_split or config.validation_data_dir) and not held_out:
+        raise ConfigError(f"validation_data_dir: no images in {config.validation_data_dir}")
+    return validation_loss.ValidationLoss(config, family, components, held_out) if held_out else None
 
 
 def check_family(config: CommonConfig) -> None:
@@ -292,6 +305,7 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
     _release_text_encoders(run)
     throughput = Throughput(total_batch, run.max_train_steps, global_step)
     losses: list[float] = []
+    validation_losses: dict[int, float] = {}
     images: list[str] = []
 
     for epoch in range(first_epoch, run.num_train_epochs):
@@ -317,6 +331,13 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
                 stopping = control.stop_requested()  # read once: asked to hand over (trainer/control.py)
                 requested = control.take_requests()  # save now / sample now (trainer/control.py)
                 scheduled = global_step % config.checkpointing_steps == 0 or stopping
+                if run.validator is not None and (
+                        scheduled or "checkpoint" in requested or global_step >= run.max_train_steps
+                        or global_step % (config.validation_loss_steps or config.checkpointing_steps) == 0):
+                    held_out_loss = run.validator.measure(run)
+                    validation_losses[global_step] = held_out_loss
+                    emit(Event("validation_loss", step=global_step, total_steps=run.max_train_steps, epoch=epoch,
+                               validation_loss=held_out_loss))
                 if scheduled or "checkpoint" in requested:
                     batches_done = start_position + (step + 1) * accelerator.num_processes
                     event = _save_checkpoint(run, global_step, epoch, batches_done)
@@ -350,8 +371,21 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
     emit(Event("done", step=global_step, total_steps=run.max_train_steps, loss=losses[-1] if losses else None,
                paths=[str(lora_path), str(Path(config.output_dir) / KOHYA_WEIGHTS_NAME),
                       *([str(Path(config.output_dir) / EMA_WEIGHTS_NAME)] if run.ema is not None else [])],
-               message=f"saved {lora_path}"))
-    return TrainResult(lora_path=lora_path, global_step=global_step, losses=losses, validation_images=images)
+               message=f"saved {lora_path}",
+               data=_best_checkpoint_data(config, validation_losses) if run.validator is not None else None))
+    best = (_best_checkpoint_data(config, validation_losses) or {}).get("best_checkpoint")
+    return TrainResult(lora_path=lora_path, global_step=global_step, losses=losses, validation_images=images,
+                       validation_losses=validation_losses,
+                       best_checkpoint=Path(config.output_dir) / best if best else None)
+
+
+def _best_checkpoint_data(config: CommonConfig, values: dict[int, float]) -> dict | None:
+    """The kept checkpoint with the lowest validation loss measured in this run."""
+    steps = [int(path.name.split("-")[1]) for path in checkpoints.complete_checkpoints(config.output_dir)]
+    best = validation_loss.best_checkpoint(values, steps)
+    if best is None:
+        return None
+    return {"best_checkpoint": f"checkpoint-{best}", "best_validation_loss": values[best]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +398,7 @@ def _build_dataset(config: CommonConfig, family: Family, folder: Path, component
     examples = data.scan_examples(folder, config.caption_column, config.missing_captions)
     examples = data.select_samples(examples, config.max_train_samples, config.seed)
     examples = family.captions(config, examples)
+    examples = validation_loss.split(config, examples)[0]  # the held-out share never trains
     if _use_cache(config, examples, transform):
         return _cached_dataset(config, family, folder, examples, transform, components, device), True, len(examples)
     return family.dataset(config, examples, components), False, len(examples)
@@ -465,7 +500,7 @@ def _release_text_encoders(run: Run) -> None:
     encoders dwarf what trains (Flux's and SD3's T5) free them: the captions not cached yet are
     encoded now, then the family drops the encoders (validation reloads them)."""
     plan = run.cache
-    if plan is None or plan.text_keys is None:
+    if plan is None or plan.text_keys is None or run.validator is not None:  # validation loss encodes text
         return
     family, components = run.family, run.components
     if not family.release_text_encoders(components, dry_run=True):

@@ -80,6 +80,8 @@ class Recorder:
                 _upsert_artifact(session, row)
             if any(event.get("type") == "checkpoint" for event in batch):
                 pruned = _forget_pruned_checkpoints(session, self.job_id, self.attempt_dir if store else None)
+            if any(event.get("type") in ("checkpoint", "validation_loss") for event in batch):
+                _mark_best_checkpoint(session, self.job_id)
         for path in pruned if store else []:  # their objects too, once the rows are gone
             object_store.remove(self.settings, object_store.relative(self.settings, Path(path).parent))
 
@@ -206,6 +208,11 @@ class Recorder:
             _upsert_metric(session, self.job_id, event)
             added.append(events.append_event(session, self.job_id, events.STEP, _public(event)))
             log.debug("job.step job=%s step=%s loss=%s", self.job_id, event["step"], event.get("loss"))
+        elif kind == "validation_loss":  # the held-out loss (trainer/validation_loss.py): its own metric
+            values = {"validation_loss": event.get("validation_loss")}
+            statement = _insert(session, JobMetric).values(job_id=self.job_id, step=event["step"], **values)
+            session.execute(statement.on_conflict_do_update(index_elements=["job_id", "step"], set_=values))
+            added.append(events.append_event(session, self.job_id, events.LOG, _public(event)))
         elif kind == "prepare":  # the latent cache's progress (trainer/latent_cache.py)
             added.append(events.append_event(session, self.job_id, events.PREPARE, _public(event)))
         elif kind == "checkpoint":
@@ -294,6 +301,17 @@ def _upsert_artifact(session: Session, row: dict) -> None:
     changes = {key: value for key, value in values.items() if key not in ("job_id", "name")}
     statement = _insert(session, Artifact).values(**values)
     session.execute(statement.on_conflict_do_update(index_elements=["job_id", "name"], set_=changes))
+
+
+def _mark_best_checkpoint(session: Session, job_id: str) -> None:
+    """jobs.best_checkpoint: the recorded checkpoint whose step has the lowest validation loss
+    (the earliest on a tie); pruned checkpoints' rows are gone, so it is always downloadable."""
+    best = session.execute(
+        select(Artifact.name).join(JobMetric, (JobMetric.job_id == Artifact.job_id) & (JobMetric.step == Artifact.step))
+        .where(Artifact.job_id == job_id, Artifact.kind == ArtifactKind.checkpoint.value,
+               JobMetric.validation_loss.is_not(None))
+        .order_by(JobMetric.validation_loss, Artifact.step).limit(1)).scalar()
+    session.execute(update(Job).where(Job.id == job_id).values(best_checkpoint=best))
 
 
 def _forget_pruned_checkpoints(session: Session, job_id: str, within: Path | None = None) -> list[str]:

@@ -353,6 +353,7 @@ def job_out(job: Job, position: int | None, speed: tuple[float | None, float | N
 def show_job(session: Session, job: Job) -> JobOut:
     out = job_out(job, queue_position(session, job), job_speed(session, job))
     out.webhook_url = job.webhook_url
+    out.best_checkpoint = job.best_checkpoint
     if job.webhook_url:
         out.webhook_deliveries = [WebhookDeliveryOut.model_validate(d, from_attributes=True)
                                   for d in webhooks.deliveries(session, job.id)]
@@ -412,7 +413,7 @@ def _listed_job_json(row, position: int | None, speed: tuple[float | None, float
             f'"queue_position":{_int(position)},"priority":{_int(row.priority)},"num_gpus":{_int(row.num_gpus)},'
             f'"gpu_class":{_str(row.gpu_class)},"min_gpu_memory_gb":{_num(row.min_gpu_memory_gb)},'
             f'"images_per_s":{_num(speed[0])},"eta_s":{_num(speed[1])},"webhook_url":null,'
-            f'"webhook_deliveries":null}}')
+            f'"webhook_deliveries":null,"best_checkpoint":null}}')  # GET /v1/jobs/{id} only, as webhooks
 
 
 def _listed_job_json_pydantic(row, position: int | None, speed: tuple[float | None, float | None]) -> str:

@@ -283,7 +283,7 @@ def test_metrics_come_ordered_by_step(client, session, submit):
     shown = client.get(f"/v1/jobs/{job['id']}").json()
 
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert set(metrics[0]) == {"step", "loss", "lr", "grad_norm", "epoch", "images_per_s", "time"}
+    assert set(metrics[0]) == {"step", "loss", "lr", "grad_norm", "epoch", "images_per_s", "validation_loss", "time"}
     assert [m["step"] for m in after] == [3]
     assert (shown["progress"], shown["last_loss"]) == (0.5, 0.5)
 

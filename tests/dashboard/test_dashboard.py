@@ -180,3 +180,23 @@ def test_save_now_and_sample_now_from_the_job_page(service, browse, tmp_path):
     assert {"checkpoint", "sample"} <= kinds
     service.client.post(f"/v1/jobs/{job['id']}/cancel")
     service.wait_for(job["id"], {"canceled"})
+
+
+def test_validation_loss_line_and_best_checkpoint_on_the_job_page(service, browse, tmp_path):
+    # given a finished job that measured validation loss at its checkpoints
+    job = submit(service, upload(service, tmp_path), max_train_steps=6, checkpointing_steps=2,
+                 validation_split=0.25)
+    assert service.wait_for(job["id"], {"succeeded", "failed"})["state"] == "succeeded"
+
+    # when the browser opens its page
+    seen = browse("validation_loss.mjs", job_id=job["id"], steps=6)
+
+    # then the loss chart has a validation loss line, its last value the one stored at step 6
+    legend = dict(seen["legend"])
+    metrics = service.client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    last = [m["validation_loss"] for m in metrics if m["step"] == 6][0]
+    assert "validation loss" in legend and legend["validation loss"] not in ("", "—", None), legend
+    assert abs(float(legend["validation loss"]) - last) <= 0.01 * abs(last) + 1e-3, (legend, last)
+    # and the facts name the best checkpoint, as the job has it
+    best = service.client.get(f"/v1/jobs/{job['id']}").json()["best_checkpoint"]
+    assert seen["facts"]["Best checkpoint"] == best.split("/")[0]

@@ -77,3 +77,28 @@ def test_sample_now_needs_a_validation_prompt(service, tmp_path):
     assert service.client.post("/v1/jobs/nope/checkpoint").status_code == 404
     service.client.post(f"/v1/jobs/{job['id']}/cancel")
     service.wait_for(job["id"], {"canceled"})
+
+
+def test_validation_loss_is_stored_and_the_best_checkpoint_marked(service, tmp_path):
+    # (both databases: a new column, migration 0008)
+    dataset_id = upload(service, tmp_path)
+    job = submit(service, dataset_id, max_train_steps=6, checkpointing_steps=2,
+                 validation_split=0.25, learning_rate=5e-3, lr_warmup_steps=0)
+    job_path = f"/v1/jobs/{job['id']}"
+    assert service.wait_for(job["id"], {"succeeded", "failed"})["state"] == "succeeded", service.tail()
+
+    metrics = service.client.get(f"{job_path}/metrics").json()
+    measured = {m["step"]: m["validation_loss"] for m in metrics if m["validation_loss"] is not None}
+    assert sorted(measured) == [2, 4, 6] and all(m["loss"] is not None for m in metrics)
+    best_step = min(measured, key=lambda step: (measured[step], step))
+    shown = service.client.get(job_path).json()
+    assert shown["best_checkpoint"] == f"checkpoint-{best_step}/pytorch_lora_weights.safetensors"
+
+    download = service.client.get(f"{job_path}/best_checkpoint", follow_redirects=True)
+    direct = service.client.get(f"{job_path}/artifacts/{shown['best_checkpoint']}")
+    assert download.status_code == 200 and download.content == direct.content
+
+    other = submit(service, dataset_id, max_train_steps=2)
+    service.wait_for(other["id"], {"succeeded", "failed"})
+    assert service.client.get(f"/v1/jobs/{other['id']}").json()["best_checkpoint"] is None
+    assert service.client.get(f"/v1/jobs/{other['id']}/best_checkpoint").status_code == 404

@@ -20,7 +20,8 @@ export function jobPage(main, ctx) {
   const view = layout(main);
   const lossChart = lineChart(view.loss, {y: 'loss', series: [
     {label: 'loss', stroke: 'rgba(37, 99, 235, 0.35)', width: 1},
-    {label: 'smoothed', stroke: '#1d4ed8', width: 2.5}]});
+    {label: 'smoothed', stroke: '#1d4ed8', width: 2.5},
+    {label: 'validation loss', stroke: '#dc2626', width: 2}]});
   const lrChart = lineChart(view.lr, {y: 'learning rate', height: 180, series: [
     {label: 'learning rate', stroke: '#0f766e', width: 2}]});
   const gallery = sampleGallery(view.gallery, jobId, urls, ctx.signal);
@@ -31,7 +32,7 @@ export function jobPage(main, ctx) {
   let latest = null; // the newest step event
   let preparing = null; // the newest `prepare` event's data while the latent cache encodes up front
   let datasetInfo = null; // a promise of the job's dataset, asked once
-  const points = {steps: [], loss: [], lr: []};
+  const points = {steps: [], loss: [], lr: [], validation: []};
   let stream = null;
   const timers = {};
   ctx.onLeave(() => { stream?.close(); Object.values(timers).forEach(clearTimeout); });
@@ -79,6 +80,11 @@ export function jobPage(main, ctx) {
       const progress = data.data || {};
       preparing = progress.mode === 'upfront' && progress.done < progress.total ? {...data, ...progress} : null;
       later('draw', draw, DRAW_MS);
+    } else if (event.type === 'log' && data.validation_loss != null) {
+      // The held-out loss at a step already drawn (trainer/validation_loss.py): its own line.
+      const index = points.steps.lastIndexOf(data.step);
+      if (index >= 0) points.validation[index] = data.validation_loss;
+      later('draw', draw, DRAW_MS);
     } else if (event.type === 'log' && Number.isInteger(data.step)) {
       truncate(data.step); // an attempt (re)starts here: later steps are retrained
       later('draw', draw, DRAW_MS);
@@ -99,6 +105,7 @@ export function jobPage(main, ctx) {
     points.steps.push(data.step);
     points.loss.push(data.loss ?? null);
     points.lr.push(data.lr ?? null);
+    points.validation.push(null);
   }
 
   function truncate(step) {
@@ -108,7 +115,7 @@ export function jobPage(main, ctx) {
   }
 
   function draw() {
-    lossChart.set(points.steps, points.loss, smooth(points.loss));
+    lossChart.set(points.steps, points.loss, smooth(points.loss), points.validation);
     lrChart.set(points.steps, points.lr);
     showStats();
   }
@@ -153,7 +160,8 @@ export function jobPage(main, ctx) {
   async function showFacts() {
     const facts = [['Base model', job.base_model], ['Family', job.config?.family ?? 'sd'], ['Attempt', job.attempt], ['Worker', job.worker || '—'],
       ['Queued', fmt.dateTime(job.queued_at)], ['Started', fmt.dateTime(job.started_at)],
-      ['Finished', fmt.dateTime(job.finished_at)], ['Job id', job.id]];
+      ['Finished', fmt.dateTime(job.finished_at)], ['Job id', job.id],
+      ...(job.best_checkpoint ? [['Best checkpoint', job.best_checkpoint.split('/')[0]]] : [])];
     const datasetCell = h('dd', {text: fmt.shortId(job.dataset_id)});
     replace(view.facts, h('dt', {text: 'Dataset'}), datasetCell,
       facts.flatMap(([label, value]) => [h('dt', {text: label}), h('dd', {text: String(value)})]));
