@@ -21,7 +21,8 @@ log = logging.getLogger("loraq.worker")
 # Options the service sets; a value the user gave for one of these is dropped, never obeyed, so a
 # job cannot read another model or write outside its attempt folder.
 SERVICE_OPTIONS = frozenset({"pretrained_model_name_or_path", "pretrained_config_dir", "train_data_dir",
-                             "output_dir", "device", "resume_from_checkpoint", "cache_dir", "cache_max_bytes"})
+                             "output_dir", "device", "resume_from_checkpoint", "cache_dir", "cache_max_bytes",
+                             "validation_data_dir"})
 
 
 def build_train_config(settings: Settings, job: Job, dataset: Dataset, attempt: int) -> TrainConfig:

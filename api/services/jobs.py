@@ -99,6 +99,9 @@ def validate_options(settings: Settings, dataset: Dataset, model: ModelStatus, o
     if isinstance(vae, str) and _is_path(vae):  # as for base_model: no reading the server's files by path
         raise Invalid(f"pretrained_vae_model_name_or_path: filesystem paths are not accepted ({vae!r}); "
                       "give a hub id in the server's cache")
+    if options.get("validation_data_dir") is not None:  # a folder on the server: not the user's to name
+        raise Invalid("validation_data_dir: filesystem paths are not accepted through the service; "
+                      "hold out a share of the dataset with validation_split")
     not_finite = sorted(k for k, v in options.items() if isinstance(v, float) and not math.isfinite(v))
     if not_finite:  # JSON lets NaN and Infinity through; the trainer and PostgreSQL must not see them
         raise Invalid("; ".join(f"{name}: must be a finite number" for name in not_finite))

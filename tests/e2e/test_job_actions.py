@@ -102,3 +102,11 @@ def test_validation_loss_is_stored_and_the_best_checkpoint_marked(service, tmp_p
     service.wait_for(other["id"], {"succeeded", "failed"})
     assert service.client.get(f"/v1/jobs/{other['id']}").json()["best_checkpoint"] is None
     assert service.client.get(f"/v1/jobs/{other['id']}/best_checkpoint").status_code == 404
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_validation_data_dir_is_not_a_service_option(service, tmp_path):
+    body = {"dataset_id": upload(service, tmp_path), "base_model": "tiny-sd",
+            "options": {"resolution": 32, "validation_data_dir": "/etc"}}
+    refused = service.client.post("/v1/jobs", json=body)
+    assert refused.status_code == 422 and "validation_data_dir: filesystem paths are not accepted" in refused.text
