@@ -106,6 +106,21 @@ class Job(Base):
     best_checkpoint: Mapped[str | None] = mapped_column(String(300))
 
 
+class JobCount(Base):
+    """How many jobs each owner has in each state, kept by database triggers on `jobs` (migration
+    0009) in the same transaction as every insert, state change and delete, whatever code or SQL
+    makes it; GET /v1/jobs reads its totals and the queue's length here instead of counting an
+    index of every job per request. A SQLite migration that recreates `jobs` (batch mode) drops
+    its triggers: create them again there (tests/loraq/test_migrations.py checks they work)."""
+
+    __tablename__ = "job_counts"
+    __table_args__ = (Index("ix_job_counts_state", "state"),)
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class JobMetric(Base):
     __tablename__ = "job_metrics"
     __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_metrics_job_step"),)

@@ -7,7 +7,7 @@ from loraq.migrate import downgrade, upgrade
 from loraq.models import Base
 
 TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys", "base_models",
-          "webhook_secrets", "webhook_deliveries"}
+          "webhook_secrets", "webhook_deliveries", "job_counts"}
 
 
 def tables(settings) -> set[str]:
@@ -76,3 +76,41 @@ def test_the_list_and_dedupe_lookups_have_their_indexes(settings):
     assert jobs["ix_jobs_state_queued_at"] == ["state", "queued_at", "id"]
     assert "ix_jobs_owner" not in jobs and "ix_jobs_state" not in jobs  # prefixes of the above
     assert datasets["ix_datasets_owner_content_hash"] == ["owner", "content_hash"]
+
+
+def test_job_counts_follow_every_insert_state_change_and_delete(settings):
+    """Migration 0009's triggers keep job_counts equal to a GROUP BY count of jobs, whatever SQL
+    writes the jobs (also checks a later migration did not drop them by recreating `jobs`)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import delete, func, insert, select, update
+
+    from loraq.models import Dataset, Job, JobCount
+
+    def counts(conn) -> tuple[dict, dict]:
+        kept = {(r.owner, r.state): r.n for r in conn.execute(select(JobCount)) if r.n}
+        counted = {(r.owner, r.state): r.n for r in conn.execute(
+            select(Job.owner, Job.state, func.count().label("n")).group_by(Job.owner, Job.state))}
+        return kept, counted
+
+    engine = make_engine(settings)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(Dataset), [{"id": "d1", "owner": "a", "name": "d", "image_count": 1,
+                                            "captioned_count": 1, "total_bytes": 1, "content_hash": "0" * 64,
+                                            "storage_path": "d", "report": {}}])
+            now = datetime.now(timezone.utc)
+            conn.execute(insert(Job), [{"id": f"j{n}", "owner": "a" if n < 5 else "b", "dataset_id": "d1",
+                                        "base_model": "m", "config": {}, "state": "queued", "total_steps": 1,
+                                        "queued_at": now} for n in range(8)])
+            conn.execute(update(Job).where(Job.id.in_(["j0", "j1", "j5"])).values(state="running"))
+            conn.execute(update(Job).where(Job.id == "j0").values(state="succeeded", step=1))
+            conn.execute(update(Job).where(Job.id == "j2").values(step=0))  # no state change
+            conn.execute(update(Job).where(Job.id == "j3").values(owner="b"))
+        with engine.begin() as conn:
+            conn.execute(delete(Job).where(Job.id.in_(["j0", "j7"])))
+            kept, counted = counts(conn)
+        assert counted == {("a", "running"): 1, ("a", "queued"): 2, ("b", "running"): 1, ("b", "queued"): 2}
+        assert kept == counted
+    finally:
+        engine.dispose()
