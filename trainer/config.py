@@ -43,6 +43,15 @@ class CommonConfig(BaseModel):
     image_column: str = "image"
     caption_column: str = "text"
     missing_captions: Literal["error", "empty"] = "error"
+    # Caption controls (trainer/captions.py): a trigger word ({trigger} in a caption, else it
+    # leads), a prefix and suffix added as given, kohya-style tag shuffling after the first
+    # keep_tokens comma-separated tags, and the share of reads whose caption is emptied.
+    trigger_word: str | None = None
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    shuffle_tags: bool = False
+    keep_tokens: int = Field(default=0, ge=0)
+    caption_dropout_rate: float = Field(default=0.0, ge=0, le=1)
     max_train_samples: int | None = Field(default=None, ge=1)
     resolution: int = 512
     center_crop: bool = False
@@ -142,6 +151,8 @@ class CommonConfig(BaseModel):
             raise ValueError("validation_split: give either validation_split or validation_data_dir, not both")
         if self.validation_loss_steps and not (self.validation_split or self.validation_data_dir):
             raise ValueError("validation_loss_steps: set validation_split or validation_data_dir too")
+        if self.keep_tokens and not self.shuffle_tags:
+            raise ValueError("keep_tokens: set shuffle_tags too (it says how many leading tags stay in place)")
         if self.ema_decay != 0.999 and not self.use_ema:
             raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.optimizer == "adamw8bit" and self.device == "cpu":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer import captions
 from trainer.files import (  # noqa: F401 - re-exported: the loop and tests use them from here
     DatasetError, Example, dataset_folder, extract_zip, inspect_folder, load_rgb, probe_image,
     scan_examples,
@@ -93,7 +94,9 @@ class ImageTransform:
 
 def draw_caption(caption: str | tuple[str, ...]) -> str:
     """A caption, or one of several drawn with Python's `random` as the script does."""
-    return caption if isinstance(caption, str) else random.choice(caption)
+    chosen = caption if isinstance(caption, str) else random.choice(caption)
+    # Shuffled tags / caption dropout, when the run uses them (trainer/captions.py).
+    return captions.transform(chosen)
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:

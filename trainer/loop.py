@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers.training_utils import cast_training_params
 
-from trainer import checkpoints, control, data, latent_cache, optimizers, validation, validation_loss
+from trainer import captions, checkpoints, control, data, latent_cache, optimizers, validation, validation_loss
 from trainer.config import CommonConfig, ConfigError
 from trainer.ema import EMA_WEIGHTS_NAME, LoraEMA
 from trainer.detect import ModelNotFound, UnsupportedModel, detect_family
@@ -199,7 +199,8 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
 
 
 def _validator(config: CommonConfig, family: Family, folder: Path, components: Components):
-    held_out = validation_loss.held_out_examples(config, family, folder)
+    held_out = captions.apply_fixed(captions.CaptionPolicy.from_config(config),
+                                    validation_loss.held_out_examples(config, family, folder))
     if (config.validation_split or config.validation_data_dir) and not held_out:
         raise ConfigError(f"validation_data_dir: no images in {config.validation_data_dir}")
     return validation_loss.ValidationLoss(config, family, components, held_out) if held_out else None
@@ -283,6 +284,7 @@ def _train(config: CommonConfig, on_event: EventSink) -> TrainResult:
             clean = True
             return result
         finally:
+            captions.activate(None)  # the next dataset built in this process reads captions as they are
             if run.cache is not None:  # a run that failed publishes nothing after its last checkpoint
                 run.cache.cache.close(publish=clean)
 
@@ -297,7 +299,8 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
         "start", step=global_step, total_steps=run.max_train_steps, epoch=first_epoch,
         message=f"{run.num_examples} images, batch {total_batch}, latent cache {'on' if run.cached else 'off'}",
         data={"num_examples": run.num_examples, "total_batch_size": total_batch, "cached": run.cached,
-              "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device)},
+              "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device),
+              **_text_cache_note(run)},
     ))
     _prepare_cache(run, emit)  # after `start`, which says what the run is; before the first step
     # Save-now / sample-now requests arrive as files in the output folder; rank 0 reads them.
@@ -399,9 +402,19 @@ def _build_dataset(config: CommonConfig, family: Family, folder: Path, component
     examples = data.select_samples(examples, config.max_train_samples, config.seed)
     examples = family.captions(config, examples)
     examples = validation_loss.split(config, examples)[0]  # the held-out share never trains
+    policy = captions.CaptionPolicy.from_config(config)
+    captions.activate(policy)  # shuffled tags / dropout drawn at every read (data.draw_caption)
+    examples = captions.apply_fixed(policy, examples)
     if _use_cache(config, examples, transform):
         return _cached_dataset(config, family, folder, examples, transform, components, device), True, len(examples)
     return family.dataset(config, examples, components), False, len(examples)
+
+
+def _text_cache_note(run: Run) -> dict:
+    """Whether text embeddings are cached and, when captions vary, why not."""
+    why = captions.CaptionPolicy.from_config(run.config).why_varies
+    cached = run.cache is not None and run.cache.text_keys is not None
+    return {"text_cache": cached, **({"text_cache_off_because": why} if why and run.cache is not None else {})}
 
 
 def _use_cache(config: CommonConfig, examples: list[data.Example], transform: data.ImageTransform) -> bool:
@@ -436,7 +449,9 @@ def _cached_dataset(config, family: Family, folder: Path, examples, transform, c
     else:
         cache = latent_cache.LatentCache(ram_bytes, spill_dir=Path(config.output_dir))
     image_keys = latent_cache.image_keys(folder, [e.path for e in examples], config.train_data_dir)
-    text_keys = None if config.train_text_encoder else [latent_cache.text_key(e.caption) for e in examples]
+    # Text conditioning is cached unless it trains or the captions vary from step to step.
+    text_keys = (None if config.train_text_encoder or captions.CaptionPolicy.from_config(config).varies
+                 else [latent_cache.text_key(e.caption) for e in examples])
     orientations = 2 if config.random_flip else 1
     flips = (False, True)[:orientations]
     missing = sum(not cache.has(latent_cache.LATENT, latent_cache.latent_key(k, f)) for k in image_keys for f in flips)
