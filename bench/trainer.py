@@ -40,10 +40,12 @@ import platform
 import resource
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 SECTION = "trainer"
@@ -192,13 +194,18 @@ def execute(spec: dict, inline: bool) -> dict:
 
 def make_dataset(folder: Path, count: int, size: int) -> Path:
     """`count` images: the generator's distinct ones (captions repeat past 168 anyway), copied
-    under new names past 200, which keeps a 10,000-image set quick to write."""
+    under new names past 200, which keeps a 10,000-image set quick to write. Each copy carries a
+    text chunk naming it: the same pixels, other bytes, so the cache (keyed by a file's content)
+    sees `count` distinct images, as in a real dataset, not 200 shared ones."""
     from trainer.sample_data import write_sample_dataset
 
     write_sample_dataset(folder, n_images=min(count, 200), size=size)
     for i in range(200, count):
         source = folder / f"{i % 200:04d}"
-        shutil.copyfile(source.with_suffix(".png"), folder / f"{i:05d}.png")
+        png = source.with_suffix(".png").read_bytes()
+        text = b"Comment\0loraq bench copy %d" % i
+        chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+        (folder / f"{i:05d}.png").write_bytes(png[:-12] + chunk + png[-12:])  # before the 12-byte IEND
         shutil.copyfile(source.with_suffix(".txt"), folder / f"{i:05d}.txt")
     return folder
 

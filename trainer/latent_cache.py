@@ -83,7 +83,9 @@ def file_stamp(path: Path) -> str:
 
 def file_digest(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (reading and hashing costs far less than decoding it)."""
-    with open(path, "rb") as file:
+    with open(path, "rb", buffering=0) as file:
+        if os.fstat(file.fileno()).st_size <= 2**22:  # one read (file_digest's 256 KiB buffer per call
+            return hashlib.sha256(file.read()).hexdigest()  # costs more than a small image's hash)
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
