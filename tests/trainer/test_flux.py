@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from trainer import loop
 from trainer.config import ConfigError, load_config
-from trainer.events import Event
+from support.resume import assert_resume_matches
 from trainer.loop import draw_inputs, optimize, setup, train
 from trainer.sample_data import write_sample_dataset
 
@@ -222,24 +222,8 @@ def test_text_encoders_are_freed_when_captions_are_fixed(tiny_flux_model, square
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_flux_model, square_data, tmp_path):
     common = dict(max_train_steps=5, checkpointing_steps=3, random_flip=True, weighting_scheme="mode")
-    full = train(flux_config(tiny_flux_model, square_data, tmp_path / "full", **common))
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(event: Event) -> None:
-        if event.type == "step" and event.step == 4:
-            raise Crash("simulated crash")
-
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(Crash):
-        train(flux_config(tiny_flux_model, square_data, interrupted, **common), crash)
-    resumed = train(flux_config(tiny_flux_model, square_data, interrupted, resume_from_checkpoint="latest", **common))
-    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6)
-    a, b = load_file(str(resumed.lora_path)), load_file(str(full.lora_path))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+    assert_resume_matches(lambda out, **extra: flux_config(tiny_flux_model, square_data, out, **common, **extra),
+                          tmp_path, crash_step=4, checkpoint_step=3)
 
 
 def test_two_processes_report_each_step_once(tiny_flux_model, tmp_path):

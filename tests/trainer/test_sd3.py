@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from trainer import loop
 from trainer.config import ConfigError, load_config
-from trainer.events import Event
+from support.resume import assert_resume_matches
 from trainer.loop import draw_inputs, optimize, setup, train
 from trainer.sample_data import write_sample_dataset
 
@@ -139,24 +139,8 @@ def test_same_seed_same_losses_cache_on_equals_off_and_text_encoders_freed(tiny_
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_sd3_model, square_data, tmp_path):
     common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True)
-    full = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "full", **common))
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(event: Event) -> None:
-        if event.type == "step" and event.step == 3:
-            raise Crash("simulated crash")
-
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(Crash):
-        train(sd3_config(tiny_sd3_model, square_data, interrupted, **common), crash)
-    resumed = train(sd3_config(tiny_sd3_model, square_data, interrupted, resume_from_checkpoint="latest", **common))
-    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-6)
-    a, b = load_file(str(resumed.lora_path)), load_file(str(full.lora_path))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+    assert_resume_matches(lambda out, **extra: sd3_config(tiny_sd3_model, square_data, out, **common, **extra),
+                          tmp_path, crash_step=3, checkpoint_step=2)
 
 
 def test_lora_loads_into_the_sd3_pipeline_and_changes_the_output(tiny_sd3_model, square_data, tmp_path):
