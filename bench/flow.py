@@ -34,13 +34,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.trainer import paired_step_times, peak_rss_mib
 
 SECTION = "flow"
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +58,6 @@ THREADS = 1
 FULL = {"tiny": {"resolution": 32, "batch": 2, "steps": 20, "warmup": 4, "tokens": 32, "images": 8, "repeats": 3},
         "mid": {"resolution": 256, "batch": 1, "steps": 8, "warmup": 2, "tokens": 128, "images": 8, "repeats": 1}}
 QUICK = {"tiny": {"resolution": 32, "batch": 2, "steps": 4, "warmup": 1, "tokens": 16, "images": 4, "repeats": 1}}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _median_step(times: list[float], warmup: int) -> float | None:
@@ -111,19 +108,7 @@ def run_floor(spec: dict) -> dict:
             optimizer.zero_grad()
             return time.perf_counter() - begin
 
-        floor_step()  # warm
-        trainer_s, floor_s, last = [], [], [None]
-
-        def on_event(event) -> None:
-            if event.type != "step":
-                return
-            now = time.perf_counter()
-            if last[0] is not None:
-                trainer_s.append(now - last[0])
-                floor_s.append(floor_step())
-            last[0] = time.perf_counter()
-
-        _train_in(run, on_event)
+        trainer_s, floor_s = paired_step_times(run, floor_step, _train_in)
     warmup = spec["warmup"]
     trainer_s, floor_s = trainer_s[warmup:] or trainer_s, floor_s[warmup:] or floor_s
     return {"trainer_s": statistics.median(trainer_s), "floor_s": statistics.median(floor_s),

@@ -116,6 +116,25 @@ def run_train(spec: dict) -> dict:
     }
 
 
+def paired_step_times(run, floor_step, train_in) -> tuple[list[float], list[float]]:
+    """Train `run`, timing each trainer step and, right after it, one `floor_step()` (which times
+    itself), so both are measured under the same load; the floor is warmed once first."""
+    floor_step()  # warm
+    trainer_s, floor_s, last = [], [], [None]
+
+    def on_event(event) -> None:
+        if event.type != "step":
+            return
+        now = time.perf_counter()
+        if last[0] is not None:
+            trainer_s.append(now - last[0])
+            floor_s.append(floor_step())
+        last[0] = time.perf_counter()
+
+    train_in(run, on_event)
+    return trainer_s, floor_s
+
+
 def run_floor(spec: dict) -> dict:
     """The trainer's step and its floor, paired: after each step event of a fully cached run, one
     floor step on the same prepared models, timed apart from the trainer's. The floor is the
@@ -148,20 +167,7 @@ def run_floor(spec: dict) -> dict:
                 torch.cuda.synchronize()
             return time.perf_counter() - begin
 
-        floor_step()  # warm
-        trainer_s, floor_s = [], []
-        last = [None]
-
-        def on_event(event) -> None:
-            if event.type != "step":
-                return
-            now = time.perf_counter()
-            if last[0] is not None:
-                trainer_s.append(now - last[0])
-                floor_s.append(floor_step())
-            last[0] = time.perf_counter()
-
-        _train_in(run, on_event)
+        trainer_s, floor_s = paired_step_times(run, floor_step, _train_in)
     warmup = spec["warmup"]
     trainer_s, floor_s = trainer_s[warmup:], floor_s[warmup:]
     ratios = [t / f for t, f in zip(trainer_s, floor_s)]
