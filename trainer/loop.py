@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -119,10 +118,11 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
     check_family(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not torch.distributed.is_initialized():
         # accelerate keeps one process-wide state; several runs in one process (tests, notebooks)
-        # may each choose their own precision.
-        AcceleratorState._reset_state()
+        # may each choose their own precision, and a rank forked from a process that trained
+        # before must not inherit that run's single-process state (it would train as rank 0 of 1).
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
