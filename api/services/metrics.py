@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraq.models import Dataset, Job, JobMetric, JobState, utcnow
 from loraq import webhooks
+from loraq.queue import job_queue
 from loraq.settings import Settings
 from loraq.workers import live_workers
 
@@ -85,17 +86,41 @@ class ServiceCollector(Collector):
         yield family
 
     def _queue_depth(self, session: Session) -> Iterator[Metric]:
-        # Every job goes to the one Celery queue settings.queue_name names.
-        queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.queued.value))
-        family = GaugeMetricFamily("loraq_queue_depth", "Jobs waiting to run, by queue", labels=["queue"])
-        family.add_metric([self.settings.queue_name], queued)
+        """Queued jobs by the Celery queue they route to (loraq.queue.job_queue: the default queue,
+        or `{queue_name}.{class}` for a job asking for a GPU class). Listed: the default queue
+        (0 when empty), every queue a queued job routes to, and every class queue a live worker
+        of this deployment consumes (0 when empty: a drained queue reads 0, not a missing series)."""
+        by_class = session.execute(select(Job.gpu_class, func.count()).where(Job.state == JobState.queued.value)
+                                   .group_by(Job.gpu_class)).all()
+        depths = {self.settings.queue_name: 0}
+        for gpu_class, count in by_class:
+            queue = job_queue(self.settings, gpu_class)
+            depths[queue] = depths.get(queue, 0) + count
+        redis = None
+        try:
+            redis = self._redis()
+            for worker in live_workers(redis):
+                for queue in worker.get("queues") or ():
+                    if isinstance(queue, str) and queue.startswith(self.settings.queue_name + "."):
+                        depths.setdefault(queue, 0)
+        except Exception as error:  # noqa: BLE001 - Redis away: the database's numbers still count
+            log.warning("metrics.redis_unavailable: %s", error)
+            redis = None
+        family = GaugeMetricFamily("loraq_queue_depth", "Jobs waiting to run (queued in the database), by the "
+                                   "queue they route to", labels=["queue"])
+        for queue in sorted(depths):
+            family.add_metric([queue], depths[queue])
         yield family
         messages = GaugeMetricFamily("loraq_queue_messages", "Messages waiting in the broker's queue (Redis), "
                                      "by queue; absent while Redis does not answer", labels=["queue"])
-        try:
-            messages.add_metric([self.settings.queue_name], self._redis().llen(self.settings.queue_name))
-        except Exception as error:  # noqa: BLE001 - Redis away: the database's numbers still count
-            log.warning("metrics.redis_unavailable: %s", error)
+        if redis is not None:
+            try:
+                lengths = {queue: redis.llen(queue) for queue in sorted(depths)}
+            except Exception as error:  # noqa: BLE001
+                log.warning("metrics.redis_unavailable: %s", error)
+            else:
+                for queue, length in lengths.items():
+                    messages.add_metric([queue], length)
         yield messages
 
     def _steps_per_second(self, session: Session) -> Iterator[Metric]:

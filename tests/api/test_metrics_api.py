@@ -125,3 +125,54 @@ def test_metrics_on_a_port_of_their_own(make_client, settings, dataset_id):
     assert response.status_code == 200
     jobs = scrape(response.text)["loraq_jobs"]["samples"]
     assert jobs[("loraq_jobs", (("state", "queued"),))] == 2
+
+
+def test_queue_depth_per_routing_queue(make_client, settings, session, dataset_id):
+    """Jobs asking for a GPU class route to `{queue_name}.{class}` (loraq.queue.job_queue): the
+    depth of each queue is its queued jobs in the database, the default one listed even at 0, and
+    a class queue a live worker of this deployment consumes listed at 0 while nothing waits there."""
+    import json
+
+    import redis as redis_lib
+
+    from loraq.queue import job_queue
+    from loraq.workers import KEY_PREFIX
+
+    client = make_client()
+    submitted = {}  # class -> job ids
+    for gpu_class, count in (("a100-80gb", 3), ("rtx-4090", 2)):
+        for n in range(count):
+            response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "base_model": "tiny-sd",
+                                                     "gpu_class": gpu_class,
+                                                     "options": {"resolution": 32, "max_train_steps": 10 + n}})
+            assert response.status_code == 201, response.text
+            submitted.setdefault(gpu_class, []).append(response.json()["id"])
+    # One a100 job leaves the queue (claimed by a worker), one 4090 job is canceled.
+    assert claim(session, submitted["a100-80gb"][0], 1, "host-a:1", 600) is not None
+    session.commit()
+    assert transition(session, submitted["rtx-4090"][0], S.queued, S.canceled) is not None
+    session.commit()
+    broker = redis_lib.Redis.from_url(settings.redis_url)
+    idle_queue = job_queue(settings, "h100-80gb")  # an idle worker's class queue: nothing waits there
+    worker_key = f"{KEY_PREFIX}metrics-test-{settings.queue_name}"
+    broker.set(worker_key, json.dumps({"name": "metrics-test-worker", "queue": settings.queue_name,
+                                       "queues": [settings.queue_name, idle_queue]}), ex=60)
+    class_queues = [job_queue(settings, gpu_class) for gpu_class in submitted]
+    try:
+        text = make_client(authorized=False).get("/metrics").text
+        metrics = scrape(text)
+        queued = session.execute(select(Job.gpu_class, func.count()).where(Job.state == S.queued.value)
+                                 .group_by(Job.gpu_class)).all()
+        in_db = {job_queue(settings, gpu_class): count for gpu_class, count in queued}
+        assert in_db == {class_queues[0]: 2, class_queues[1]: 1}  # none in the default queue
+        assert metrics["loraq_queue_depth"]["samples"] == {
+            ("loraq_queue_depth", (("queue", queue),)): count
+            for queue, count in {settings.queue_name: 0, idle_queue: 0, **in_db}.items()}
+        # Each submission's wake-up went to its class's queue in Redis (the claim and the cancel
+        # change the database, not the broker's messages).
+        assert metrics["loraq_queue_messages"]["samples"] == {
+            ("loraq_queue_messages", (("queue", queue),)): count
+            for queue, count in {settings.queue_name: 0, idle_queue: 0, class_queues[0]: 3,
+                                 class_queues[1]: 2}.items()}
+    finally:
+        broker.delete(worker_key, *class_queues, *(f"_kombu.binding.{queue}" for queue in class_queues))
