@@ -10,11 +10,13 @@
     jobs:                        # explicit entries, each merged over the defaults above
       - {name: long, options: {max_train_steps: 3000}}
     each_subfolder: ./people     # one job per sub-folder, named after it, trained on it
+    priority: 10                 # optional job fields, here or per entry: priority, num_gpus,
+    gpu_class: a100-80gb         # gpu_class, min_gpu_memory_gb, webhook_url (as POST /v1/jobs)
 
 Entries are `jobs` plus one per sub-folder of `each_subfolder` (or one plain entry when there are
 neither), and every entry is crossed with the grid. Relative paths are relative to the YAML file.
 The key of a job is the sha256 of the canonical JSON of (base_model, dataset identity, options,
-name), where a local dataset's identity is the sha256 of its files' names and bytes; the server
+name, and the job fields when any is set: a batch without them keeps its earlier keys), where a local dataset's identity is the sha256 of its files' names and bytes; the server
 answers a known key with the job it already has, so running a batch again submits only what is
 missing. A local dataset is uploaded only when none of the owner's datasets has its content hash;
 when several do, the jobs go to the one this batch's earlier jobs used (else the oldest), so a
@@ -35,12 +37,12 @@ from typing import Any
 
 import yaml
 
-from loraq_client.client import Client, Dataset, Job, LoraqError, _build
+from loraq_client.client import JOB_FIELDS, Client, Dataset, Job, LoraqError, _build, _job_body
 from loraq_client.client import local_files
 from loraq_client.fingerprint import dataset_fingerprint, hidden, legacy_content_hash
 
-KNOWN_KEYS = {"base_model", "dataset", "options", "grid", "jobs", "each_subfolder", "name"}
-ENTRY_KEYS = {"base_model", "dataset", "options", "name"}
+KNOWN_KEYS = {"base_model", "dataset", "options", "grid", "jobs", "each_subfolder", "name", *JOB_FIELDS}
+ENTRY_KEYS = {"base_model", "dataset", "options", "name", *JOB_FIELDS}
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -93,6 +95,7 @@ class PlannedJob:
     job: Job | None = None
     created: bool | None = None
     extra: dict = field(default_factory=dict)
+    fields: dict = field(default_factory=dict)  # JOB_FIELDS given (priority, gpu_class, ...)
 
 
 def _dataset_ref(value: Any, base: Path, cache: dict) -> DatasetRef:
@@ -137,9 +140,12 @@ def _key_members(path: Path):
             yield info.filename, (lambda info=info: zf.open(info))
 
 
-def idempotency_key(base_model: str, dataset: DatasetRef, options: dict, name: str | None) -> str:
-    canonical = json.dumps({"base_model": base_model, "dataset": dataset.identity, "options": options,
-                            "name": name}, sort_keys=True, separators=(",", ":"), default=str)
+def idempotency_key(base_model: str, dataset: DatasetRef, options: dict, name: str | None,
+                    fields: dict | None = None) -> str:
+    values = {"base_model": base_model, "dataset": dataset.identity, "options": options, "name": name}
+    if fields:  # only when set: the keys of batches written before these fields existed stay the same
+        values["fields"] = fields
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return "loraq-batch-" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -194,13 +200,35 @@ def plan(source: str | Path | dict, base: str | Path | None = None) -> list[Plan
         dataset = _dataset_ref(entry.get("dataset", spec.get("dataset")), base, cache)
         options = {**defaults_options, **normalize(entry.get("options") or {})}
         name = entry.get("name", spec.get("name"))
+        fields = _job_fields(entry, spec)
         for combo in itertools.product(*(grid[k] for k in grid_keys)):
             job_options = {**options, **dict(zip(grid_keys, combo))}
             suffix = "-".join(f"{k}={_format_value(v)}" for k, v in zip(grid_keys, combo))
             job_name = "-".join(filter(None, [str(name) if name is not None else None, suffix])) or None
             planned.append(PlannedJob(str(base_model), dataset, job_options, job_name,
-                                      idempotency_key(str(base_model), dataset, job_options, job_name)))
+                                      idempotency_key(str(base_model), dataset, job_options, job_name, fields),
+                                      fields=fields))
     return planned
+
+
+_FIELD_TYPES = {"priority": (int,), "num_gpus": (int,), "gpu_class": (str,), "min_gpu_memory_gb": (int, float),
+                "webhook_url": (str,)}
+
+
+def _job_fields(entry: dict, spec: dict) -> dict:
+    """An entry's job fields (JOB_FIELDS), each from the entry or else the top level; null or
+    absent: left to the server's default. Types are checked here (a clear error before any
+    upload); ranges are the server's to judge (its 422 names the field)."""
+    fields = {}
+    for key in JOB_FIELDS:
+        value = normalize(entry[key] if key in entry else spec.get(key))
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[key]):
+            expected = " or ".join(t.__name__ for t in _FIELD_TYPES[key])
+            raise BatchError(f"{key}: expected {expected}, got {value!r}")
+        fields[key] = value
+    return fields
 
 
 def resolve_datasets(client: Client, jobs: list[PlannedJob], progress=None) -> dict[Path, list[str]]:
@@ -285,8 +313,7 @@ def submit(client: Client, jobs: list[PlannedJob], progress=None) -> list[Planne
             try:
                 response = client._request(
                     "POST", "/v1/jobs", headers={"Idempotency-Key": planned.key},
-                    json={"dataset_id": dataset_id, "base_model": planned.base_model, "options": planned.options,
-                          **({"name": planned.name} if planned.name is not None else {})})
+                    json=_job_body(dataset_id, planned.base_model, planned.options, planned.name, **planned.fields))
             except LoraqError as error:
                 if not _key_reused(error):
                     raise

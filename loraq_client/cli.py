@@ -170,10 +170,18 @@ def follow(client: Client, job: Job) -> Job:
 @click.option("--idempotency-key", help="resubmitting with the same key returns the same job")
 @click.option("--no-dedupe", "no_dedupe", is_flag=True,
               help="store a new dataset even when you already have one with the same files")
+@click.option("--priority", type=int, help="higher runs first among the jobs a worker fits [0]; above the "
+              "server's LORAQ_MAX_JOB_PRIORITY only with an admin key")
+@click.option("--num-gpus", type=click.IntRange(1), help="training processes, one per GPU, on one worker [1]")
+@click.option("--gpu-class", help="run only on workers of this GPU class (e.g. a100-80gb, 4090)")
+@click.option("--min-gpu-memory-gb", type=click.FloatRange(0, min_open=True),
+              help="run only on workers whose GPUs have this much memory")
+@click.option("--webhook-url", help="POSTed the job, signed, on each state change")
 @click.option("--wait", is_flag=True, help="follow the job and download its LoRA at the end")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="where --wait puts the LoRA [./loraq-output/<job id>]")
 @click.pass_context
-def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_key, no_dedupe, wait, output):
+def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_key, no_dedupe, priority, num_gpus,
+           gpu_class, min_gpu_memory_gb, webhook_url, wait, output):
     """Submit a training job on PATH (a folder or zip, uploaded first) or --dataset ID.
 
     A PATH you uploaded before (the same files) reuses that dataset unless --no-dedupe.
@@ -184,7 +192,9 @@ def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_ke
     client = _client(ctx)
     if path:
         dataset_id = _upload(client, path, dedupe=not no_dedupe).id
-    job = client.create_job(dataset_id, base_model, options, name=name, idempotency_key=idempotency_key)
+    job = client.create_job(dataset_id, base_model, options, name=name, idempotency_key=idempotency_key,
+                            priority=priority, num_gpus=num_gpus, gpu_class=gpu_class,
+                            min_gpu_memory_gb=min_gpu_memory_gb, webhook_url=webhook_url)
     click.echo(job.id)
     sys.stdout.flush()
     err.print(f"job {job.id} {job.state}" + (f" (queue position {job.queue_position})" if job.queue_position else ""),
@@ -203,11 +213,12 @@ def submit(ctx, path, dataset_id, base_model, config, sets, name, idempotency_ke
 
 def _plan_table(planned: list[batch_mod.PlannedJob]) -> Table:
     table = Table(title=f"{len(planned)} planned job(s)")
-    for column in ("#", "name", "base_model", "dataset", "options", "key"):
+    for column in ("#", "name", "base_model", "dataset", "options", "placement", "key"):
         table.add_column(column, overflow="fold")
     for i, job in enumerate(planned, 1):
         table.add_row(str(i), job.name or "-", job.base_model, job.dataset.label(),
-                      json.dumps(job.options, separators=(",", ":")), job.key[-12:])
+                      json.dumps(job.options, separators=(",", ":")),
+                      json.dumps(job.fields, separators=(",", ":")) if job.fields else "-", job.key[-12:])
     return table
 
 
@@ -237,7 +248,7 @@ def batch_cmd(ctx, file, wait, dry_run, as_json):
     if dry_run:
         if as_json:
             _print_json([{"name": p.name, "base_model": p.base_model, "dataset": p.dataset.label(),
-                          "options": p.options, "idempotency_key": p.key} for p in planned])
+                          "options": p.options, **p.fields, "idempotency_key": p.key} for p in planned])
         else:
             out.print(_plan_table(planned))
         return

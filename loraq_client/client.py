@@ -92,6 +92,11 @@ class Job:
     attempt: int = 1
     worker: str | None = None
     queue_position: int | None = None
+    priority: int = 0
+    num_gpus: int = 1
+    gpu_class: str | None = None
+    min_gpu_memory_gb: float | None = None
+    webhook_url: str | None = None  # GET /v1/jobs/{id} only
     images_per_s: float | None = None  # while running
     eta_s: float | None = None  # while running: seconds left at the pace of the last steps
     raw: dict = field(default_factory=dict, repr=False)
@@ -249,10 +254,20 @@ def resolve(url: str | None = None, api_key: str | None = None) -> tuple[str, st
     return url, key
 
 
-def _job_body(dataset_id: str, base_model: str, options: dict | None, name: str | None) -> dict[str, Any]:
+# A job's placement and notification fields (POST /v1/jobs; README "Fleets, routing and priorities",
+# "Webhooks"): sent only when given, so a body without them stays the one older servers accept.
+JOB_FIELDS = ("priority", "num_gpus", "gpu_class", "min_gpu_memory_gb", "webhook_url")
+
+
+def _job_body(dataset_id: str, base_model: str, options: dict | None, name: str | None,
+              **fields: Any) -> dict[str, Any]:
+    unknown = set(fields) - set(JOB_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown job field(s) {', '.join(sorted(unknown))}; known: {', '.join(JOB_FIELDS)}")
     body: dict[str, Any] = {"dataset_id": dataset_id, "base_model": base_model, "options": options or {}}
     if name is not None:
         body["name"] = name
+    body.update({key: value for key, value in fields.items() if value is not None})
     return body
 
 
@@ -394,16 +409,26 @@ class Client:
     # -- jobs -------------------------------------------------------------------------------
 
     def create_job(self, dataset_id: str, base_model: str, options: dict | None = None, name: str | None = None,
-                   idempotency_key: str | None = None) -> Job:
+                   idempotency_key: str | None = None, *, priority: int | None = None, num_gpus: int | None = None,
+                   gpu_class: str | None = None, min_gpu_memory_gb: float | None = None,
+                   webhook_url: str | None = None) -> Job:
+        """Queue a job. `priority` (higher first; above the server's LORAQ_MAX_JOB_PRIORITY only with
+        an admin key), `num_gpus` (training processes on one worker), `gpu_class` (only workers of
+        that class), `min_gpu_memory_gb` (only workers with that much per GPU), `webhook_url`
+        (POSTed each state change): left out of the request when None (the server's defaults)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = _job_body(dataset_id, base_model, options, name)
+        body = _job_body(dataset_id, base_model, options, name, priority=priority, num_gpus=num_gpus,
+                         gpu_class=gpu_class, min_gpu_memory_gb=min_gpu_memory_gb, webhook_url=webhook_url)
         return _build(Job, self._request("POST", "/v1/jobs", json=body, headers=headers).json())
 
     def validate_job(self, dataset_id: str, base_model: str, options: dict | None = None,
-                     name: str | None = None) -> dict:
+                     name: str | None = None, *, priority: int | None = None, num_gpus: int | None = None,
+                     gpu_class: str | None = None, min_gpu_memory_gb: float | None = None,
+                     webhook_url: str | None = None) -> dict:
         """What create_job would train ({"total_steps", "config"}), or the LoraqError it would
         raise; nothing is queued."""
-        body = _job_body(dataset_id, base_model, options, name)
+        body = _job_body(dataset_id, base_model, options, name, priority=priority, num_gpus=num_gpus,
+                         gpu_class=gpu_class, min_gpu_memory_gb=min_gpu_memory_gb, webhook_url=webhook_url)
         return self._request("POST", "/v1/jobs/validate", json=body).json()
 
     def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0, dataset_id: str | None = None) -> Page:
