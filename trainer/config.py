@@ -10,7 +10,7 @@ torch.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -57,6 +57,14 @@ class CommonConfig(BaseModel):
     center_crop: bool = False
     random_flip: bool = False
     image_interpolation_mode: Interpolation = "lanczos"
+    # Aspect-ratio buckets (trainer/buckets.py, kohya's): each image is resized to cover the bucket
+    # of nearest aspect ratio and cropped to it, each batch from one bucket. Off: the square crop.
+    # min/max_bucket_reso default to half and twice the resolution (256 and 1024 at 512).
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = Field(default=None, ge=8)
+    max_bucket_reso: int | None = Field(default=None, ge=8)
+    bucket_reso_steps: int = Field(default=64, ge=8)
+    bucket_no_upscale: bool = False
     dataloader_num_workers: int = Field(default=0, ge=0)
 
     # Optimisation
@@ -157,7 +165,43 @@ class CommonConfig(BaseModel):
             raise ValueError("ema_decay: set use_ema too (without it no average is kept)")
         if self.optimizer == "adamw8bit" and self.device == "cpu":
             raise ValueError("optimizer: adamw8bit needs a CUDA device (bitsandbytes); use adamw on cpu")
+        self._check_buckets()
         return self
+
+    # The latent side a bucket must be a multiple of, in pixels (the VAE's factor of 8; the
+    # flow-matching transformers pack latents in 2x2 patches: 16).
+    _bucket_step_multiple: ClassVar[int] = 8
+
+    def _check_buckets(self) -> None:
+        if not self.enable_bucket:
+            for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"{name}: set enable_bucket too (without it every image is cropped square)")
+            return
+        step, multiple = self.bucket_reso_steps, self._bucket_step_multiple
+        if step % multiple:
+            raise ValueError(f"bucket_reso_steps: must be a multiple of {multiple} for the {self.family} family "
+                             f"(got {step})")
+        if step > self.resolution:
+            raise ValueError(f"bucket_reso_steps: {step} is larger than resolution {self.resolution}; "
+                             "set a smaller step")
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            value = getattr(self, name)
+            if value is not None and value % step:
+                raise ValueError(f"{name}: must be a multiple of bucket_reso_steps {step} (got {value})")
+        low, high = self.bucket_limits
+        if not low <= self.resolution <= high:
+            name = "min_bucket_reso" if low > self.resolution else "max_bucket_reso"
+            raise ValueError(f"{name}: need min_bucket_reso ({low}) <= resolution ({self.resolution}) "
+                             f"<= max_bucket_reso ({high})")
+
+    @property
+    def bucket_limits(self) -> tuple[int, int]:
+        """(min_bucket_reso, max_bucket_reso) as given, else half and twice the resolution."""
+        from trainer.buckets import default_limits
+
+        low, high = default_limits(self.resolution, self.bucket_reso_steps)
+        return (self.min_bucket_reso or low, self.max_bucket_reso or max(high, self.min_bucket_reso or 0))
 
     @model_validator(mode="before")
     @classmethod
@@ -234,6 +278,7 @@ class FlowMatchingConfig(CommonConfig):
     mode_scale: float = 1.29
     # T5's token length (padded to it).
     max_sequence_length: int = Field(default=512, ge=1, le=512)
+    _bucket_step_multiple: ClassVar[int] = 16
     # The transformer modules given LoRA (the scripts' --lora_layers); None: the scripts' default list.
     lora_layers: list[str] | None = None
     # The caption of images that have none (DreamBooth style); captioned images keep their own.

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from trainer import captions
+from trainer.buckets import Buckets
 from trainer.files import (  # noqa: F401 - re-exported: the loop and tests use them from here
     DatasetError, Example, dataset_folder, extract_zip, inspect_folder, load_rgb, probe_image,
     scan_examples,
@@ -47,30 +48,46 @@ def select_samples(examples: list[Example], max_train_samples: int | None, seed:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the short side, crop to a square, maybe flip, scale to [-1, 1] (the script's pipeline)."""
+    """Resize the short side, crop to a square, maybe flip, scale to [-1, 1] (the script's pipeline).
+
+    With `buckets` (enable_bucket) an image is instead resized to cover its aspect-ratio bucket
+    and cropped to the bucket's size (trainer/buckets.py); the crop is centred or random as
+    `center_crop` says, drawn from torch's generator as the square one is.
+    """
 
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
     interpolation: str = "lanczos"
+    buckets: Buckets | None = None
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The (width, height) after resizing the short side to `resolution`, as torchvision does."""
+        """The (width, height) after resizing the short side to `resolution`, as torchvision does
+        (with buckets: the size that covers the image's bucket)."""
+        if self.buckets is not None:
+            return self.buckets.fit(size).resized
         width, height = size
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(self.resolution * long / short)
         return (self.resolution, new_long) if width <= height else (new_long, self.resolution)
 
+    def crop_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) an image of `size` is cropped to: its bucket, else the square."""
+        if self.buckets is not None:
+            return self.buckets.fit(size).bucket
+        return self.resolution, self.resolution
+
     def crop_is_fixed(self, size: tuple[int, int]) -> bool:
         """Whether this image's crop draws no random numbers, so its latents can be cached."""
-        return self.center_crop or self.resized_size(size) == (self.resolution, self.resolution)
+        return self.center_crop or self.resized_size(size) == self.crop_size(size)
 
     def __call__(self, image: Image.Image, flip: bool | None = None) -> torch.Tensor:
         """Transform one RGB image to a [3, res, res] tensor; `flip=None` draws it like the script."""
+        crop = self.crop_size(image.size)
         target = self.resized_size(image.size)
         if target != image.size:
             image = image.resize(target, RESAMPLING[self.interpolation])
-        image = image.crop(self._crop_box(image.size))
+        image = image.crop(self._crop_box(image.size, crop))
         if flip is None:
             flip = self.random_flip and bool(torch.rand(1) < 0.5)
         if flip:
@@ -79,17 +96,17 @@ class ImageTransform:
         pixels = torch.from_numpy(array).permute(2, 0, 1).float().div(255)
         return (pixels - 0.5) / 0.5
 
-    def _crop_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    def _crop_box(self, size: tuple[int, int], crop: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
         width, height = size
-        res = self.resolution
+        crop_w, crop_h = crop or (self.resolution, self.resolution)
         if self.center_crop:
-            top, left = int(round((height - res) / 2.0)), int(round((width - res) / 2.0))
-        elif (width, height) == (res, res):
+            top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+        elif (width, height) == (crop_w, crop_h):
             top = left = 0
         else:  # torchvision's RandomCrop.get_params: rows first, then columns
-            top = int(torch.randint(0, height - res + 1, size=(1,)).item())
-            left = int(torch.randint(0, width - res + 1, size=(1,)).item())
-        return left, top, left + res, top + res
+            top = int(torch.randint(0, height - crop_h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - crop_w + 1, size=(1,)).item())
+        return left, top, left + crop_w, top + crop_h
 
 
 def draw_caption(caption: str | tuple[str, ...]) -> str:
@@ -141,7 +158,7 @@ class CachingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, examples: list[Example], transform, tokenize_captions, cache,
-                 image_keys: list[str], text_keys: list[str] | None):
+                 image_keys: list[str], text_keys: list[str] | None, latent_kinds: list[str] | None = None):
         self.examples = examples
         self.transform = transform
         self.tokenize_captions = tokenize_captions  # captions -> {token key: ids}, the family's
@@ -149,6 +166,7 @@ class CachingDataset(torch.utils.data.Dataset):
         self.cache = cache
         self.image_keys = image_keys
         self.text_keys = text_keys  # None: text is not cached (the text encoder trains)
+        self.latent_kinds = latent_kinds  # per image with buckets (a kind per bucket size), else None
         # The family's flip draw (SD: torch's, as torchvision's RandomHorizontalFlip).
         self.draw_flip = getattr(transform, "draw_flip", None) or (lambda: bool(torch.rand(1) < 0.5))
 
@@ -161,7 +179,8 @@ class CachingDataset(torch.utils.data.Dataset):
         example = self.examples[index]
         flip = bool(getattr(self.transform, "random_flip", False)) and self.draw_flip()
         item = {"index": torch.tensor(index), "flip": torch.tensor(flip)}
-        cached = self.cache.get(LATENT, latent_key(self.image_keys[index], flip))
+        kind = self.latent_kinds[index] if self.latent_kinds is not None else LATENT
+        cached = self.cache.get(kind, latent_key(self.image_keys[index], flip))
         if cached is None:
             pixels = self.transform(load_rgb(example.path), flip=flip)
             item.update(pixels if isinstance(pixels, dict) else {"pixel_values": pixels})
@@ -257,7 +276,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch_seed = seed
         generator = torch.Generator()
         generator.manual_seed(seed)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        batches = self.epoch_batches(generator)
         start = resume.position if resume else 0
         replay = resume is not None and resume.rng_before is not None
         for position in range(start, len(self)):
@@ -265,7 +284,60 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
                 restore_rng(resume.rng_before)
             self.position = position
             self.rng_at_position = capture_rng()
-            yield order[position * self.batch_size:(position + 1) * self.batch_size]
+            yield batches[position]
             # The loader asks for the next batch only after loading this one.
             if replay and position == start + self.num_processes - 1:
                 restore_rng(resume.rng_after)
+
+    def epoch_batches(self, generator: torch.Generator) -> list[list[int]]:
+        """The epoch's batches in order, from the epoch's seeded generator (and nothing else)."""
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        return [order[start:start + self.batch_size] for start in range(0, self.num_samples, self.batch_size)]
+
+
+class BucketBatchSampler(EpochBatchSampler):
+    """Shuffled batches of one aspect-ratio bucket each (enable_bucket).
+
+    Per epoch, from the epoch's seeded generator only: each bucket's images are shuffled and cut
+    into batches (a bucket's last batch may be short), then the order of all batches is shuffled.
+    The order is a function of the epoch's seed, so a resumed epoch replays it exactly, as the
+    plain sampler's does (same seed, same position, same random-state replay).
+
+    `batch_size` is None for accelerate: batches have their own lengths, so a process's share of
+    an epoch is whole batches, and where it pads the last round it repeats whole batches (never
+    mixing buckets in one batch, which a fixed batch size would make it do).
+    """
+
+    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, num_processes: int = 1):
+        super().__init__(len(buckets), batch_size, num_processes)
+        self.bucket_batch_size = batch_size
+        self.batch_size = None
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(tuple(bucket), []).append(index)
+        self.groups = dict(sorted(self.groups.items()))
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(members) / self.bucket_batch_size) for members in self.groups.values())
+
+    @property
+    def plan(self) -> list[dict]:
+        """[{width, height, images}] per bucket, most images first."""
+        return [{"width": w, "height": h, "images": len(members)}
+                for (w, h), members in sorted(self.groups.items(), key=lambda item: (-len(item[1]), item[0]))]
+
+    def epoch_batches(self, generator: torch.Generator) -> list[list[int]]:
+        size = self.bucket_batch_size
+        batches = []
+        for members in self.groups.values():
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            batches += [shuffled[start:start + size] for start in range(0, len(shuffled), size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def make_batch_sampler(dataset, batch_size: int, num_processes: int = 1) -> EpochBatchSampler:
+    """The run's batch sampler: by bucket when the dataset's transform has buckets."""
+    transform = getattr(dataset, "transform", None)
+    if getattr(transform, "buckets", None) is None:
+        return EpochBatchSampler(len(dataset), batch_size, num_processes)
+    return BucketBatchSampler([transform.crop_size(e.size) for e in dataset.examples], batch_size, num_processes)

@@ -125,6 +125,13 @@ def latent_key(image_key: str, flip: bool) -> str:
     return image_key + ("m" if flip else "p")
 
 
+def latent_kind(bucket: tuple[int, int] | None) -> str:
+    """The kind latents are stored under: one per aspect-ratio bucket (width x height of the
+    crop), since a kind's records have one fixed layout and each bucket's latents its own shape;
+    "latent" without buckets (every crop the same square)."""
+    return LATENT if bucket is None else f"{LATENT}-{bucket[0]}x{bucket[1]}"
+
+
 def model_identity(source: str, revision: str | None = None, variant: str | None = None,
                    parts: Iterable[str] = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")) -> str:
     """What identifies the encoders of a model: config files' content, weight files' sizes and
@@ -337,7 +344,7 @@ class LatentCache:
         if self.has(kind, key):
             return
         tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-        if kind == LATENT:
+        if kind.startswith(LATENT):
             self.stats.encoded_images += 1
         else:
             self.stats.encoded_texts += 1
@@ -601,10 +608,11 @@ def record_keys(batch: dict, count: int, exclude: Iterable[str]) -> list[str]:
 @torch.no_grad()
 def batch_latent_params(
     cache: LatentCache, batch: dict, image_keys: list[str], encode_image_params: Callable[[torch.Tensor], torch.Tensor],
-    device, exclude: Iterable[str] = (),
+    device, exclude: Iterable[str] = (), kinds: list[str] | None = None,
 ) -> torch.Tensor:
     """The batch's posterior parameters in the VAE's own memory layout: cached rows as stored,
-    the others encoded now (and kept, with the family's per-image records)."""
+    the others encoded now (and kept, with the family's per-image records, under each image's
+    kind: `kinds[index]` with buckets, else LATENT)."""
     count = len(batch["index"])
     fresh = None
     if "pixel_values" in batch:
@@ -617,7 +625,8 @@ def batch_latent_params(
         records = record_keys(batch, count, exclude)
         for j, position in enumerate(positions):
             entry = {"params": fresh[j], **{key: batch[key][position] for key in records}}
-            cache.put(LATENT, latent_key(image_keys[indices[position]], bool(flips[position])), entry)
+            kind = LATENT if kinds is None else kinds[indices[position]]
+            cache.put(kind, latent_key(image_keys[indices[position]], bool(flips[position])), entry)
     cached = batch.get("latent_params")
     if cached is not None:
         cached = cached.to(device, fresh.dtype if fresh is not None else cached.dtype)
@@ -655,15 +664,22 @@ def prepare_upfront(
     cache: LatentCache, examples: list, transform, image_keys: list[str], text_keys: list[str] | None,
     encode_image_params: Callable[[torch.Tensor], torch.Tensor], encode_text: Callable[[dict], dict] | None,
     tokenize_captions: Callable[[list[str]], dict[str, torch.Tensor]], batch_size: int, device,
-    on_progress: Callable[[int, int], None],
+    on_progress: Callable[[int, int], None], kinds: list[str] | None = None,
 ) -> None:
     """Encode every missing (image, orientation) and caption before the first step, in batches of
-    `batch_size`, calling `on_progress(done, total)` after each. Draws no random numbers."""
+    `batch_size` (with buckets: of one bucket each, `kinds` per image), calling
+    `on_progress(done, total)` after each. Draws no random numbers."""
     from trainer.data import load_rgb
 
+    kinds = [LATENT] * len(examples) if kinds is None else kinds
     flips = (False, True) if getattr(transform, "random_flip", False) else (False,)
     todo = [(i, flip) for i in range(len(examples)) for flip in flips
-            if not cache.has(LATENT, latent_key(image_keys[i], flip))]
+            if not cache.has(kinds[i], latent_key(image_keys[i], flip))]
+    by_kind: dict[str, list[tuple[int, bool]]] = {}
+    for i, flip in todo:  # the pixels of one encode must stack: one bucket at a time
+        by_kind.setdefault(kinds[i], []).append((i, flip))
+    chunks = [group[start:start + batch_size] for group in by_kind.values()
+              for start in range(0, len(group), batch_size)]
     texts: dict[str, int] = {}
     if text_keys is not None:
         for i, key in enumerate(text_keys):
@@ -671,8 +687,7 @@ def prepare_upfront(
                 texts[key] = i
     total, done = len(todo) + len(texts), 0
     on_progress(0, total)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+    for chunk in chunks:
         items = []
         for i, flip in chunk:
             item = transform(load_rgb(examples[i].path), flip=flip)
@@ -681,7 +696,7 @@ def prepare_upfront(
         if cache.memory_format is None:
             cache.memory_format = memory_format_of(params)
         for j, (i, flip) in enumerate(chunk):
-            cache.put(LATENT, latent_key(image_keys[i], flip), {"params": params[j], **items[j]})
+            cache.put(kinds[i], latent_key(image_keys[i], flip), {"params": params[j], **items[j]})
         done += len(chunk)
         on_progress(done, total)
     pending = list(texts.items())
@@ -726,6 +741,7 @@ class CachePlan:
     upfront: bool
     missing: int  # entries still to encode when the run set up (0: all came from earlier runs)
     total: int
+    latent_kinds: list[str] | None = None  # each image's latent kind with buckets (latent_kind)
 
     def describe(self) -> dict:
         return {"mode": "upfront" if self.upfront else "as_you_go", "total": self.total,

@@ -161,7 +161,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
     dataset, cached, num_examples = _build_dataset(
         config, family, data_folder or Path(config.train_data_dir), components, accelerator.device
     )
-    sampler = data.EpochBatchSampler(len(dataset), config.train_batch_size, accelerator.num_processes)
+    sampler = data.make_batch_sampler(dataset, config.train_batch_size, accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=data.collate,
         num_workers=0 if cached else config.dataloader_num_workers,
@@ -300,7 +300,9 @@ def _train_in(run: Run, on_event: EventSink) -> TrainResult:
         message=f"{run.num_examples} images, batch {total_batch}, latent cache {'on' if run.cached else 'off'}",
         data={"num_examples": run.num_examples, "total_batch_size": total_batch, "cached": run.cached,
               "num_train_epochs": run.num_train_epochs, "device": str(accelerator.device),
-              **_text_cache_note(run)},
+              **_text_cache_note(run),
+              # With enable_bucket: [{width, height, images}] per aspect-ratio bucket.
+              **({"buckets": run.sampler.plan} if isinstance(run.sampler, data.BucketBatchSampler) else {})},
     ))
     _prepare_cache(run, emit)  # after `start`, which says what the run is; before the first step
     # Save-now / sample-now requests arrive as files in the output folder; rank 0 reads them.
@@ -443,18 +445,24 @@ def _cached_dataset(config, family: Family, folder: Path, examples, transform, c
             "resolution": config.resolution, "center_crop": config.center_crop,
             "interpolation": config.image_interpolation_mode, "dtype": str(WEIGHT_DTYPES[config.mixed_precision]),
             "device": torch.device(device).type,
+            # Bucket settings decide each image's resize and crop (absent without buckets: the
+            # keys of square-crop caches stay what they were).
+            **({"buckets": transform.buckets.describe()} if getattr(transform, "buckets", None) else {}),
         })
         cache = latent_cache.LatentCache(ram_bytes, root=Path(config.cache_dir), key=key,
                                          max_bytes=config.cache_max_bytes)
     else:
         cache = latent_cache.LatentCache(ram_bytes, spill_dir=Path(config.output_dir))
     image_keys = latent_cache.image_keys(folder, [e.path for e in examples], config.train_data_dir)
+    # With buckets each bucket's latents are a kind of their own (their shape differs).
+    kinds = ([latent_cache.latent_kind(transform.crop_size(e.size)) for e in examples]
+             if getattr(transform, "buckets", None) else [latent_cache.LATENT] * len(examples))
     # Text conditioning is cached unless it trains or the captions vary from step to step.
     text_keys = (None if config.train_text_encoder or captions.CaptionPolicy.from_config(config).varies
                  else [latent_cache.text_key(e.caption) for e in examples])
     orientations = 2 if config.random_flip else 1
     flips = (False, True)[:orientations]
-    missing = sum(not cache.has(latent_cache.LATENT, latent_cache.latent_key(k, f)) for k in image_keys for f in flips)
+    missing = sum(not cache.has(kind, latent_cache.latent_key(k, f)) for k, kind in zip(image_keys, kinds) for f in flips)
     missing += len({k for k in text_keys or () if not cache.has(latent_cache.TEXT, k)})
     total = len(image_keys) * orientations + len(set(text_keys or ()))
     steps = config.max_train_steps or config.num_train_epochs * math.ceil(len(examples) / config.train_batch_size)
@@ -463,9 +471,9 @@ def _cached_dataset(config, family: Family, folder: Path, examples, transform, c
     if upfront is None:
         upfront = latent_cache.choose_upfront(len(examples), orientations, images_read, missing)
     dataset = data.CachingDataset(examples, transform, lambda captions: family.tokenize(components, captions),
-                                  cache, image_keys, text_keys)
+                                  cache, image_keys, text_keys, kinds)
     dataset.plan = latent_cache.CachePlan(cache, image_keys, text_keys, orientations, bool(upfront and missing),
-                                          missing, total)
+                                          missing, total, kinds)
     return dataset
 
 
@@ -476,7 +484,7 @@ def _cached_inputs(run: Run, batch: dict) -> torch.Tensor:
     token_keys = run.dataloader.dataset.token_keys if hasattr(run.dataloader, "dataset") else ("input_ids",)
     params = latent_cache.batch_latent_params(
         plan.cache, batch, plan.image_keys, lambda pixels: family.encode_image_params(components, pixels),
-        run.accelerator.device, exclude=(*token_keys, *family.text_keys),
+        run.accelerator.device, exclude=(*token_keys, *family.text_keys), kinds=plan.latent_kinds,
     )
     if plan.text_keys is not None:
         batch.update(latent_cache.batch_text(plan.cache, batch, plan.text_keys, token_keys, family.text_keys,
@@ -506,7 +514,7 @@ def _prepare_cache(run: Run, emit: EventSink) -> None:
         plan.cache, dataset.examples, dataset.transform, plan.image_keys, plan.text_keys,
         lambda pixels: family.encode_image_params(components, pixels),
         lambda tokens: family.encode_text(components, tokens), dataset.tokenize_captions,
-        run.config.train_batch_size, run.accelerator.device, latent_cache.Progress(report),
+        run.config.train_batch_size, run.accelerator.device, latent_cache.Progress(report), plan.latent_kinds,
     )
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from trainer import data
+from trainer.buckets import Buckets
 from trainer.config import FluxConfig
 from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error
@@ -155,7 +156,7 @@ class FlowFamily(Family):
 
     def image_transform(self, config) -> FlowImageTransform:
         return FlowImageTransform(config.resolution, config.center_crop, config.random_flip,
-                                  config.image_interpolation_mode)
+                                  config.image_interpolation_mode, Buckets.from_config(config))
 
     def dataset(self, config, examples: list[data.Example], components: FlowComponents):
         return SDXLDataset(examples, self.image_transform(config), lambda captions: self.tokenize(components, captions))

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer import data
+from trainer.buckets import Buckets
 from trainer.config import TrainConfig
 from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error, single_file_pipeline
@@ -55,7 +56,7 @@ class SDFamily(Family):
 
     def image_transform(self, config: TrainConfig) -> data.ImageTransform:
         return data.ImageTransform(config.resolution, config.center_crop, config.random_flip,
-                                   config.image_interpolation_mode)
+                                   config.image_interpolation_mode, Buckets.from_config(config))
 
     def dataset(self, config: TrainConfig, examples: list[data.Example], components: SDComponents):
         return data.ImageCaptionDataset(examples, self.image_transform(config), components.tokenizer)

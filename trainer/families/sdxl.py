@@ -7,7 +7,8 @@ What differs from SD, as the script does it:
   size being the image's before resizing;
 - the image is resized, then flipped (drawn with Python's `random`, and torchvision's
   `RandomHorizontalFlip(p=1.0)` then draws once more from torch), then cropped; the crop's
-  top-left is recorded in the flipped image;
+  top-left is recorded in the flipped image; with aspect-ratio buckets the crop is the bucket's
+  and so is the target size in `add_time_ids` (as kohya's sd-scripts condition it);
 - the pipeline's VAE runs in fp32 (SDXL's VAE overflows in fp16) and its latents are cast to the
   weight dtype; a separate VAE (`pretrained_vae_model_name_or_path`, e.g. the fp16-fix one) runs
   in the weight dtype;
@@ -28,6 +29,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer import data
+from trainer.buckets import Buckets
 from trainer.config import SDXLConfig
 from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error, single_file_pipeline
@@ -58,6 +60,7 @@ class SDXLImageTransform(data.ImageTransform):
 
     def __call__(self, image: Image.Image, flip: bool | None = None) -> dict[str, torch.Tensor]:
         original_size = (image.height, image.width)
+        crop = self.crop_size(image.size)
         target = self.resized_size(image.size)
         if target != image.size:
             image = image.resize(target, data.RESAMPLING[self.interpolation])
@@ -65,15 +68,18 @@ class SDXLImageTransform(data.ImageTransform):
             flip = self.draw_flip()
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left, top, right, bottom = self._crop_box(image.size)
+        left, top, right, bottom = self._crop_box(image.size, crop)
         image = image.crop((left, top, right, bottom))
         array = np.array(image, dtype=np.uint8, copy=True)
         pixels = torch.from_numpy(array).permute(2, 0, 1).float().div(255)
-        return {
+        item = {
             "pixel_values": (pixels - 0.5) / 0.5,
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor((top, left)),
         }
+        if self.buckets is not None:  # the target size is the bucket's (kohya), not the square
+            item["target_size"] = torch.tensor((crop[1], crop[0]))
+        return item
 
 
 class SDXLDataset(torch.utils.data.Dataset):
@@ -152,7 +158,7 @@ class SDXLFamily(Family):
 
     def image_transform(self, config: SDXLConfig) -> SDXLImageTransform:
         return SDXLImageTransform(config.resolution, config.center_crop, config.random_flip,
-                                  config.image_interpolation_mode)
+                                  config.image_interpolation_mode, Buckets.from_config(config))
 
     def dataset(self, config: SDXLConfig, examples: list[data.Example], components: SDXLComponents):
         return SDXLDataset(examples, self.image_transform(config), lambda captions: self.tokenize(components, captions))
@@ -179,10 +185,14 @@ class SDXLFamily(Family):
 
     @staticmethod
     def time_ids(batch: dict[str, torch.Tensor], resolution: int, dtype: torch.dtype) -> torch.Tensor:
-        """[original h, original w, crop top, crop left, resolution, resolution] per image."""
+        """[original h, original w, crop top, crop left, target h, target w] per image: the
+        target is the square resolution, or with buckets each image's bucket (recorded by the
+        transform, so cached items carry it too)."""
         original, crop = batch["original_size"], batch["crop_top_left"]
-        target = torch.tensor([resolution, resolution], device=original.device).expand(len(original), 2)
-        return torch.cat([original, crop, target], dim=1).to(dtype=dtype)
+        target = batch.get("target_size")
+        if target is None:
+            target = torch.tensor([resolution, resolution], device=original.device).expand(len(original), 2)
+        return torch.cat([original, crop, target.to(original.device)], dim=1).to(dtype=dtype)
 
     def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]):
         """kohya's SDXL LoRAs name UNet modules as the original UNet does (sd-scripts trains that
