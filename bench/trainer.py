@@ -1,19 +1,21 @@
 """Trainer benchmark: the latent cache against the plain loop, memory past RAM, a sweep sharing
-one cache, and the trainer's step against its floor.
+one cache, and the trainer's step against its floor (SD, and a mid-size SDXL shape).
 
-    make bench                     # or: python -m bench.trainer [--only cache,epochs,rss,sweep,floor]
+    make bench                     # or: python -m bench.trainer [--only cache,epochs,rss,sweep,floor,sdxl]
     python -m bench.trainer --quick --output /tmp/B.md   # seconds; what `make test` runs once
 
 Every workload trains the tiny SD model (`python -m trainer tiny-model`) on generated images
 (256 px unless said otherwise, resized to `resolution` 64, center_crop, random_flip, batch 4,
 seed 0, fp32, no checkpoints or validation). Each run is its own subprocess, so its peak memory
 is its own; runs of the variants alternate and each variant is reported by its best run (on a
-shared machine another process's burst slows a run, never speeds it up).
+shared machine another process's burst slows a run, never speeds it up). Each part reports
+the 1-minute load average during its runs (sampled every second).
 
 * ``cache``: 2,000 images, 20 steps. ``default`` (the cache as shipped: as you go, since the run
   reads 80 of 2,000 images) against ``plain`` (``cache_latents=false``). Wall time of `train()`.
 * ``epochs``: 64 images, 10 epochs (160 steps). The cache chooses its up-front pass here;
-  steady-state steps/s (first 5 steps left out) and wall time against ``plain``.
+  steady-state steps/s (first 5 steps left out) and wall time against ``plain``: 5 runs an arm,
+  alternating, each arm's best, and each adjacent pair's ratio.
 * ``rss``: peak RSS of a run over 10,000 images against one over 100, each with the cache filled
   completely up front (both orientations of every image: the most a run can hold), with the
   default RAM budget and with `cache_ram_mb=16` (the rest spills to disk).
@@ -24,6 +26,9 @@ shared machine another process's burst slows a run, never speeds it up).
   cached inputs plus the LoRA optimizer step (same process, same prepared models), fp32 and
   bf16, on the tiny model (resolution 64, batch 4) and with ``--sd15-half`` on an SD-1.5-shaped
   UNet at half width (128 px, batch 2; about 20 s a step on 2 CPU cores, so not by default).
+* ``sdxl``: the same paired timing, fp32 and bf16, on an SDXL-shaped pipeline at half SDXL's
+  widths (`write_sdxl_mid`: the tiny SDXL's builder, its UNet and text encoders rebuilt bigger;
+  370M UNet parameters, random weights), 256 px, batch 1: a few seconds a step here.
 
 Every variant's loss curve must agree with its reference (``plain``, or the first run) to 1e-4:
 the cache samples the same posterior from the same random stream. Results go between
@@ -44,6 +49,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -52,7 +58,7 @@ SECTION = "trainer"
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 COMMAND = "make bench"
 LOSS_TOLERANCE = 1e-4
-SCENARIOS = ("cache", "epochs", "rss", "sweep", "floor")
+SCENARIOS = ("cache", "epochs", "rss", "sweep", "floor", "sdxl")
 # torch threads per run (--threads). One by default: the figures are ratios, and on a small shared
 # machine a second OpenMP thread spins against other processes (a 20-step run took 67 s with two
 # threads at load 9 on 2 cores, 6 s with one).
@@ -60,10 +66,13 @@ THREADS = 1
 
 FULL = {
     "cache": {"images": 2000, "steps": 20, "repeats": 5},
-    "epochs": {"images": 64, "epochs": 10},
+    # 5 runs an arm: each takes about 20 s, and the speed-up was 1.29x at load 9, 1.65x when quiet
+    "epochs": {"images": 64, "epochs": 10, "repeats": 5},
     "rss": {"small": 100, "large": 10_000, "steps": 5},
     "sweep": {"images": 64, "steps": 32},
-    "floor": {"steps": 40, "floor_steps": 20, "warmup": 5},
+    "floor": {"steps": 40, "warmup": 5},
+    # about 2.5 s a step in fp32, 2 s in bf16, with its paired floor step twice that
+    "sdxl": {"width": 0.5, "resolution": 256, "batch": 1, "steps": 12, "warmup": 2, "repeats": 1},
     "repeats": 3, "image_size": 256, "resolution": 64, "batch": 4,
 }
 QUICK = {
@@ -71,7 +80,8 @@ QUICK = {
     "epochs": {"images": 8, "epochs": 3},
     "rss": {"small": 8, "large": 24, "steps": 2},
     "sweep": {"images": 8, "steps": 4},
-    "floor": {"steps": 6, "floor_steps": 3, "warmup": 2},
+    "floor": {"steps": 6, "warmup": 2},
+    "sdxl": {"width": 0.125, "resolution": 64, "batch": 1, "steps": 4, "warmup": 1, "repeats": 1},
     "repeats": 1, "image_size": 64, "resolution": 32, "batch": 2,
 }
 
@@ -179,7 +189,16 @@ def execute(spec: dict, inline: bool) -> dict:
     """Run one spec in a fresh interpreter (or here, in quick mode) and return its result."""
     spec = {**spec, "threads": THREADS}
     if inline:
-        return (run_floor if spec["kind"] == "floor" else run_train)(spec)
+        # The same torch threads as a child run gets: on a loaded 2-core machine a second OpenMP
+        # thread spins against other processes (a quick SDXL floor step took 8 s with two, at load 9).
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(spec["threads"])
+        try:
+            return (run_floor if spec["kind"] == "floor" else run_train)(spec)
+        finally:
+            torch.set_num_threads(threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.trainer", "--child", json.dumps(spec)],
@@ -239,6 +258,115 @@ def write_sd15_half(folder: Path) -> Path:
     return folder
 
 
+# The SD-1.5 half-width floor: about 20 s a step (and as much again for its paired floor step) on
+# 2 CPU cores, so few steps and one run a precision.
+SD15_HALF = {"steps": 8, "warmup": 2, "repeats": 1}
+
+
+def safetensors_parameters(folder: Path) -> int:
+    """The number of parameters in a model folder's safetensors files, read from their headers."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for n in entry["shape"]:
+                    count *= n
+                total += count
+    return total
+
+
+# SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0) and text encoders (CLIP ViT-L, OpenCLIP
+# bigG): the mid-size shape scales their widths by one factor, keeping the number of heads.
+SDXL_UNET = {"block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+             "attention_head_dim": (5, 10, 20), "layers_per_block": 2, "norm_num_groups": 32,
+             "addition_time_embed_dim": 256, "text_widths": (768, 1280)}
+
+
+def sdxl_shape(width: float) -> dict:
+    """SDXL's dimensions at `width` times its widths: channels, the text encoders' widths (so the
+    cross-attention width, their concatenation), the pooled embedding and the time embedding
+    scale with it; the transformer layers a block scale too (at least one), heads stay."""
+    unet = SDXL_UNET
+    return {
+        "block_out_channels": tuple(round(c * width) for c in unet["block_out_channels"]),
+        "transformer_layers_per_block": tuple(max(1, round(n * width)) for n in unet["transformer_layers_per_block"]),
+        "attention_head_dim": unet["attention_head_dim"], "layers_per_block": unet["layers_per_block"],
+        # SDXL's 10 channels a group
+        "norm_num_groups": round(unet["norm_num_groups"] * width),
+        "addition_time_embed_dim": round(unet["addition_time_embed_dim"] * width),
+        "text_widths": tuple(round(w * width) for w in unet["text_widths"]),
+    }
+
+
+def write_sdxl_mid(folder: Path, width: float = 0.25) -> Path:
+    """The tiny SDXL pipeline (trainer.tiny: tokenizers, VAE, scheduler, the UNet's text-time
+    conditioning) with its UNet and both text encoders rebuilt at SDXL's shape scaled by `width`
+    (three levels, 2 resnets a level, cross-attention on the two lower ones), random weights. The
+    text encoders keep two layers: with their embeddings cached they never run in a step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.tiny import write_tiny_model
+
+    shape = sdxl_shape(width)
+    write_tiny_model(folder, family="sdxl")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    text_1, text_2 = shape["text_widths"]
+    unet.update(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=shape["block_out_channels"], layers_per_block=shape["layers_per_block"],
+        transformer_layers_per_block=shape["transformer_layers_per_block"],
+        attention_head_dim=shape["attention_head_dim"], norm_num_groups=shape["norm_num_groups"],
+        cross_attention_dim=text_1 + text_2, addition_time_embed_dim=shape["addition_time_embed_dim"],
+        projection_class_embeddings_input_dim=6 * shape["addition_time_embed_dim"] + text_2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        UNet2DConditionModel.from_config(unet).save_pretrained(folder / "unet")
+        for name, cls, hidden, extra in (("text_encoder", CLIPTextModel, text_1, {}),
+                                         ("text_encoder_2", CLIPTextModelWithProjection, text_2,
+                                          {"projection_dim": text_2})):
+            tiny = json.loads((folder / name / "config.json").read_text())
+            cls(CLIPTextConfig(
+                vocab_size=tiny["vocab_size"], hidden_size=hidden, intermediate_size=4 * hidden,
+                num_hidden_layers=2, num_attention_heads=hidden // 64, max_position_embeddings=77,
+                bos_token_id=tiny["bos_token_id"], eos_token_id=tiny["eos_token_id"],
+                pad_token_id=tiny.get("pad_token_id"), **extra,
+            )).save_pretrained(folder / name)
+    return folder
+
+
+class LoadSampler:
+    """The 1-minute load average, read every second in a thread while the bench runs, so each part
+    reports the load it ran under (the machine may be shared; this bench's own run counts as 1)."""
+
+    def __init__(self, interval: float = 1.0):
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while True:
+            self.samples.append((time.monotonic(), os.getloadavg()[0]))
+            if self._stop.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def describe(self, since: float) -> str:
+        loads = [load for t, load in self.samples if t >= since] or [os.getloadavg()[0]]
+        return (f"load average (1 min) during these runs: mean {statistics.fmean(loads):.1f}, "
+                f"{min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} cores)")
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path):
         self.args = args
@@ -248,6 +376,7 @@ class Bench:
         self.model: Path | None = None
         self.datasets: dict[int, Path] = {}
         self.counter = 0
+        self.loads = LoadSampler()
 
     def tiny_model(self) -> Path:
         if self.model is None:
@@ -269,9 +398,12 @@ class Bench:
                 "checkpointing_steps": 10**9, "output_dir": str(self.tmp / "runs" / str(self.counter)), **options}
 
     def train(self, name: str, config: dict, warmup: int = 5) -> dict:
+        load_before = os.getloadavg()[0]
         result = execute({"kind": "train", "name": name, "config": config, "warmup": warmup}, self.inline)
+        median = f"{result['median_step_s'] * 1000:.1f}" if result["median_step_s"] else "-"
         print(f"bench: {name}: wall {result['wall_s']:.2f}s, {result['steps_per_s']:.2f} steps/s, "
-              f"peak {result['peak_mib']:.0f} MiB, final loss {result['final_loss']:.6f}", file=sys.stderr, flush=True)
+              f"median step {median} ms, peak {result['peak_mib']:.0f} MiB, final loss {result['final_loss']:.6f} "
+              f"(load {load_before:.1f} -> {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
         return result
 
     def alternate(self, variants: dict[str, dict], warmup: int = 5, repeats: int | None = None) -> dict[str, list[dict]]:
@@ -318,36 +450,54 @@ def scenario_cache(bench: Bench) -> tuple[list[str], dict, bool]:
         plan_text = f"{plan['mode']}, {plan['done']}/{plan['total']} cached at start" if plan else "off"
         lines.append(f"| {name} | {r['wall_s']:.2f} | {min(x['wall_s'] for x in rs):.2f}-{max(x['wall_s'] for x in rs):.2f} | "
                      f"{r['first_step_s']:.2f} | {plan_text} | {r['peak_mib']:.0f} | {r['final_loss']:.6f} |")
-    lines += ["", f"**default / plain wall time: {ratio:.3f}x** (target at most 1.05x); "
-              f"max |loss difference| {diff:.1e}."]
+    pairs = pair_ratios(runs["default"], runs["plain"], "wall_s")
+    lines += ["", f"**default / plain wall time: {ratio:.3f}x** (best of each; target at most 1.05x); side by "
+              f"side, run after run: {', '.join(f'{x:.3f}x' for x in pairs)}; max |loss difference| {diff:.1e}."]
     return lines, {"cache_ratio": ratio}, diff <= LOSS_TOLERANCE
+
+
+def pair_ratios(slow: list[dict], fast: list[dict], key: str) -> list[float]:
+    """slow / fast for each repeat's two runs, which ran one right after the other (the arms
+    alternate), so each ratio compares runs under about the same load."""
+    return [a[key] / b[key] for a, b in zip(slow, fast)]
 
 
 def scenario_epochs(bench: Bench) -> tuple[list[str], dict, bool]:
     s = bench.sizes["epochs"]
     common = {"images": s["images"], "num_train_epochs": s["epochs"]}
     runs = bench.alternate({"default": common, "plain": {**common, "cache_latents": False}},
-                           warmup=bench.sizes["floor"]["warmup"])
+                           warmup=bench.sizes["floor"]["warmup"], repeats=s.get("repeats"))
     d, p = best(runs["default"], "median_step_s"), best(runs["plain"], "median_step_s")
     dw, pw = best(runs["default"]), best(runs["plain"])
     diff = max_loss_diff(runs["plain"][0]["losses"], runs["default"] + runs["plain"])
     plan = d["prepare_end"] or {}
+    pairs = pair_ratios(runs["plain"], runs["default"], "median_step_s")
+    speedup = p["median_step_s"] / d["median_step_s"]
     lines = [
         f"### Many epochs of a small dataset: {s['images']} images, {s['epochs']} epochs ({d['steps']} steps)",
         "",
-        "| variant | median step, ms (best) | steps/s | wall time, s (best) | cache plan | final loss |",
-        "| --- | ---: | ---: | ---: | --- | ---: |",
-        f"| default (cache as shipped) | {d['median_step_s'] * 1000:.1f} | {1 / d['median_step_s']:.2f} | "
-        f"{dw['wall_s']:.2f} | {plan.get('mode', 'off')}, {plan.get('total', 0)} entries encoded before step 1 | "
-        f"{d['final_loss']:.6f} |",
-        f"| plain | {p['median_step_s'] * 1000:.1f} | {1 / p['median_step_s']:.2f} | {pw['wall_s']:.2f} | off | "
-        f"{p['final_loss']:.6f} |",
+        f"The two variants alternate (default, plain, default, ...), {len(runs['default'])} runs each; "
+        "each is shown by its best run.",
         "",
-        f"**default / plain: {p['median_step_s'] / d['median_step_s']:.2f}x steps/s** (median step after "
-        f"warm-up: a load burst on the shared machine moves a mean, not a median), "
+        "| variant | median step, ms (best) | range, ms | steps/s | wall time, s (best) | cache plan | final loss |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for name, r, w, rs, text in (
+            ("default (cache as shipped)", d, dw, runs["default"],
+             f"{plan.get('mode', 'off')}, {plan.get('total', 0)} entries encoded before step 1"),
+            ("plain", p, pw, runs["plain"], "off")):
+        steps_ms = [x["median_step_s"] * 1000 for x in rs]
+        lines.append(f"| {name} | {r['median_step_s'] * 1000:.1f} | {min(steps_ms):.1f}-{max(steps_ms):.1f} | "
+                     f"{1 / r['median_step_s']:.2f} | {w['wall_s']:.2f} | {text} | {r['final_loss']:.6f} |")
+    lines += [
+        "",
+        f"**default / plain: {speedup:.2f}x steps/s** (best median step of each; the median step after "
+        f"warm-up, since a load burst on the shared machine moves a mean, not a median); side by side, "
+        f"run after run: {', '.join(f'{x:.2f}x' for x in pairs)} (median {statistics.median(pairs):.2f}x); "
         f"{pw['wall_s'] / dw['wall_s']:.2f}x faster wall time; max |loss difference| {diff:.1e}.",
     ]
-    return lines, {"epochs_speedup": p["median_step_s"] / d["median_step_s"]}, diff <= LOSS_TOLERANCE
+    return (lines, {"epochs_speedup": speedup, "epochs_speedup_pairs": statistics.median(pairs)},
+            diff <= LOSS_TOLERANCE)
 
 
 def scenario_rss(bench: Bench) -> tuple[list[str], dict, bool]:
@@ -423,51 +573,95 @@ def scenario_sweep(bench: Bench) -> tuple[list[str], dict, bool]:
     return lines, {"sweep_entries": entries, "sweep_missing": encoded["shared"]}, agree
 
 
-def scenario_floor(bench: Bench) -> tuple[list[str], dict, bool]:
-    s, sizes = bench.sizes["floor"], bench.sizes
-    shapes = [("tiny", bench.tiny_model(), sizes["resolution"], sizes["batch"], s)]
-    if bench.args.sd15_half:
-        shapes.append(("SD-1.5 half width", write_sd15_half(bench.tmp / "sd15-half"), 128, 2,
-                       {"steps": 8, "floor_steps": 3, "warmup": 2}))
-    precisions = ("no",) if bench.args.quick else ("no", "bf16")
+FLOOR_METHOD = (
+    "Floor: the UNet's forward and backward on one batch of cached inputs plus the LoRA optimizer "
+    "step. Trainer: the time from one step event to the next of a fully cached run "
+    "(`cache_upfront`): data loading, sampling the posterior, noise, loss, clipping, the "
+    "scheduler and the step event included. The two are paired: after each step event one floor "
+    "step runs on the same prepared models (timed apart), so both see the same load on a shared "
+    "machine; trainer / floor is the median of the paired ratios, warm-up left out, best of the "
+    "repeats (range over them).")
+FLOOR_TABLE = ["| shape | precision | trainer step, ms | floor, ms | trainer / floor | range |",
+               "| --- | --- | ---: | ---: | ---: | ---: |"]
+
+
+def floor_rows(bench: Bench, shapes: list[dict], precisions: tuple[str, ...]) -> tuple[list[str], dict]:
+    """Time each shape's trainer step against its floor (run_floor) in each precision; one table
+    row a (shape, precision), its best repeat by paired ratio. A shape: name, model, family,
+    resolution, batch, steps, warmup, repeats, and its key in the figures."""
     rows, figures = [], {}
-    for name, model, resolution, batch, steps in shapes:
+    for shape in shapes:
+        name = shape["name"]
         for precision in precisions:
             results = []
-            for repeat in range(1 if name != "tiny" else sizes["repeats"]):
-                config = bench.config(16, max_train_steps=steps["steps"], cache_upfront=True,
-                                      mixed_precision=precision, pretrained_model_name_or_path=str(model),
-                                      resolution=resolution, train_batch_size=batch)
+            for repeat in range(shape["repeats"]):
+                config = bench.config(16, max_train_steps=shape["steps"], cache_upfront=True,
+                                      mixed_precision=precision, pretrained_model_name_or_path=str(shape["model"]),
+                                      resolution=shape["resolution"], train_batch_size=shape["batch"],
+                                      **({"family": shape["family"]} if shape["family"] != "sd" else {}))
+                load_before = os.getloadavg()[0]
                 results.append(execute({"kind": "floor", "name": f"floor {name} {precision}", "config": config,
-                                        "floor_steps": steps["floor_steps"], "warmup": steps["warmup"]}, bench.inline))
+                                        "warmup": shape["warmup"]}, bench.inline))
                 r = results[-1]
                 print(f"bench: floor {name} {precision} {repeat + 1}: trainer {r['trainer_s'] * 1000:.1f} ms, "
-                      f"floor {r['floor_s'] * 1000:.1f} ms, paired ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
+                      f"floor {r['floor_s'] * 1000:.1f} ms, paired ratio {r['ratio']:.3f} "
+                      f"(load {load_before:.1f} -> {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             ratios = [r["ratio"] for r in results]
             r = min(results, key=lambda r: r["ratio"])
             label = "fp32" if precision == "no" else precision
-            figures[f"floor_{name}_{label}"] = r["ratio"]
-            rows.append(f"| {name}, {resolution} px, batch {batch} | {label} | {r['trainer_s'] * 1000:.1f} | "
-                        f"{r['floor_s'] * 1000:.1f} | **{r['ratio']:.2f}x** | "
+            figures[f"floor_{shape['key']}_{label}"] = r["ratio"]
+            rows.append(f"| {name}, {shape['resolution']} px, batch {shape['batch']} | {label} | "
+                        f"{r['trainer_s'] * 1000:.1f} | {r['floor_s'] * 1000:.1f} | **{r['ratio']:.2f}x** | "
                         f"{min(ratios):.2f}-{max(ratios):.2f} |")
-    lines = [
-        "### The trainer's step against its floor",
-        "",
-        "Floor: the UNet's forward and backward on one batch of cached inputs plus the LoRA optimizer "
-        "step. Trainer: the time from one step event to the next of a fully cached run "
-        "(`cache_upfront`): data loading, sampling the posterior, noise, loss, clipping, the "
-        "scheduler and the step event included. The two are paired: after each step event one floor "
-        "step runs on the same prepared models (timed apart), so both see the same load on a shared "
-        "machine; trainer / floor is the median of the paired ratios, warm-up left out, best of the "
-        "repeats (range over them).",
-        "",
-        "| shape | precision | trainer step, ms | floor, ms | trainer / floor | range |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-        *rows,
-    ]
-    if not bench.args.sd15_half:
+    return rows, figures
+
+
+def scenario_floor(bench: Bench) -> tuple[list[str], dict, bool]:
+    s, sizes = bench.sizes["floor"], bench.sizes
+    shapes = [{"name": "tiny", "key": "tiny", "model": bench.tiny_model(), "family": "sd", "resolution": sizes["resolution"],
+               "batch": sizes["batch"], "steps": s["steps"], "warmup": s["warmup"], "repeats": sizes["repeats"]}]
+    if bench.args.sd15_half:
+        shapes.append({"name": "SD-1.5 half width", "key": "sd15_half", "model": write_sd15_half(bench.tmp / "sd15-half"),
+                       "family": "sd", "resolution": 128, "batch": 2, **SD15_HALF})
+    rows, figures = floor_rows(bench, shapes, ("no",) if bench.args.quick else ("no", "bf16"))
+    lines = ["### The trainer's step against its floor", "", FLOOR_METHOD, "", *FLOOR_TABLE, *rows]
+    if bench.args.sd15_half:
+        lines += ["", f"SD-1.5 half width: {SD15_HALF['steps']} steps a run, the first {SD15_HALF['warmup']} "
+                  f"left out, {SD15_HALF['repeats']} run a precision."]
+    else:
         lines += ["", "The SD-1.5 half-width shape runs with `python -m bench.trainer --only floor --sd15-half` "
                   "(about 20 s a step on 2 CPU cores)."]
+    return lines, figures, True
+
+
+def scenario_sdxl(bench: Bench) -> tuple[list[str], dict, bool]:
+    s = bench.sizes["sdxl"]
+    model = write_sdxl_mid(bench.tmp / "sdxl-mid", s["width"])
+    shape = sdxl_shape(s["width"])
+    parameters = safetensors_parameters(model / "unet")
+    shapes = [{"name": f"SDXL at {s['width']:g} width", "key": "sdxl", "model": model, "family": "sdxl", **s}]
+    rows, figures = floor_rows(bench, shapes, ("no", "bf16"))
+    lines = [
+        "### SDXL: the trainer's step against its floor",
+        "",
+        f"A mid-size SDXL-shaped pipeline, random weights, built here (`bench.trainer.write_sdxl_mid`: "
+        f"`python -m trainer tiny-model --family sdxl` with its UNet and text encoders rebuilt at "
+        f"{s['width']:g} of SDXL's widths): UNet blocks {'-'.join(map(str, shape['block_out_channels']))} "
+        f"(SDXL 320-640-1280), transformer layers a block "
+        f"{'-'.join(map(str, shape['transformer_layers_per_block']))} (SDXL 1-2-10), "
+        f"{'-'.join(map(str, shape['attention_head_dim']))} heads, 2 resnets a level, cross-attention "
+        f"{sum(shape['text_widths'])} wide (the two encoders' {shape['text_widths'][0]} + "
+        f"{shape['text_widths'][1]}; SDXL 2048), text-time conditioning (time embedding "
+        f"{shape['addition_time_embed_dim']}, pooled {shape['text_widths'][1]}): "
+        f"{parameters / 1e6:.0f}M UNet parameters (SDXL 2,567M). {s['resolution']} px, batch {s['batch']}, "
+        f"{s['steps']} steps a run, the first {s['warmup']} left out, {s['repeats']} run(s) a precision; "
+        "the time ids from each image's recorded size and crop, both encoders' embeddings cached.",
+        "",
+        FLOOR_METHOD,
+        "",
+        *FLOOR_TABLE,
+        *rows,
+    ]
     return lines, figures, True
 
 
@@ -539,25 +733,29 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     sections, figures, agree = [], {}, True
     functions = {"cache": scenario_cache, "epochs": scenario_epochs, "rss": scenario_rss,
-                 "sweep": scenario_sweep, "floor": scenario_floor}
+                 "sweep": scenario_sweep, "floor": scenario_floor, "sdxl": scenario_sdxl}
     with tempfile.TemporaryDirectory(prefix="loraq-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for name in args.scenarios:
+            since = time.monotonic()
             lines, found, ok = functions[name](bench)
-            sections += lines + [""]
+            sections += lines + ["", f"Load: {bench.loads.describe(since)}.", ""]
             figures.update(found)
             agree &= ok
+        bench.loads.stop()
+        load = bench.loads.describe(0.0)
     sizes = QUICK if args.quick else FULL
     header = [
-        "## Trainer: the latent cache, memory, a shared sweep, and the step against its floor",
+        "## Trainer: the latent cache, memory, a shared sweep, and the step against its floor (SD, SDXL)",
         "",
         f"- Command: `{command}`",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine_description(args.device)}",
+        f"- Machine: {machine_description(args.device)}; {load} (the machine is shared: ratios compare "
+        "runs made side by side, never figures from different runs)",
         f"- Workload: tiny SD model, generated {sizes['image_size']} px images, resolution {sizes['resolution']}, "
         f"center_crop, random_flip, batch {sizes['batch']}, seed 0, fp32 unless said, no checkpoints or "
         f"validation; each run in its own process{' (quick mode: inline)' if args.quick else ''}, variants "
-        f"alternating, best of {sizes['repeats']} shown.",
+        f"alternating, best of {sizes['repeats']} shown unless said; the SDXL part says its own workload.",
         f"- Loss curves {'agree' if agree else 'DISAGREE'} with the uncached runs (tolerance {LOSS_TOLERANCE:.0e}).",
         "",
     ]
