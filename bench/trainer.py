@@ -731,35 +731,44 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = COMMAND if not given else "python -m bench.trainer " + " ".join(given)
     started = time.perf_counter()
-    sections, figures, agree = [], {}, True
+    sections, figures, agree = {}, {}, True
     functions = {"cache": scenario_cache, "epochs": scenario_epochs, "rss": scenario_rss,
                  "sweep": scenario_sweep, "floor": scenario_floor, "sdxl": scenario_sdxl}
+    sizes = QUICK if args.quick else FULL
+
+    def report(load: str, done: bool) -> str:
+        header = [
+            "## Trainer: the latent cache, memory, a shared sweep, and the step against its floor (SD, SDXL)",
+            "",
+            f"- Command: `{command}`",
+            f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- Machine: {machine_description(args.device)}; {load} (the machine is shared: ratios compare "
+            "runs made side by side, never figures from different runs)",
+            f"- Workload: tiny SD model, generated {sizes['image_size']} px images, resolution {sizes['resolution']}, "
+            f"center_crop, random_flip, batch {sizes['batch']}, seed 0, fp32 unless said, no checkpoints or "
+            f"validation; each run in its own process{' (quick mode: inline)' if args.quick else ''}, variants "
+            f"alternating, best of {sizes['repeats']} shown unless said; the SDXL part says its own workload.",
+            f"- Loss curves {'agree' if agree else 'DISAGREE'} with the uncached runs (tolerance {LOSS_TOLERANCE:.0e}).",
+            "",
+        ]
+        if not done:
+            header.insert(-1, "- Unfinished: the parts not shown had not run when this was written.")
+        # In SCENARIOS order, whatever order they ran in.
+        return "\n".join(header + [line for name in SCENARIOS for line in sections.get(name, [])])
+
     with tempfile.TemporaryDirectory(prefix="loraq-bench-") as tmp:
         bench = Bench(args, Path(tmp))
-        for name in args.scenarios:
+        for index, name in enumerate(args.scenarios):
             since = time.monotonic()
             lines, found, ok = functions[name](bench)
-            sections += lines + ["", f"Load: {bench.loads.describe(since)}.", ""]
+            sections[name] = lines + ["", f"Load: {bench.loads.describe(since)}.", ""]
             figures.update(found)
             agree &= ok
+            if index < len(args.scenarios) - 1 and not args.quick:
+                # What a long bench measured so far survives it being stopped.
+                replace_section(args.output, SECTION, report(bench.loads.describe(0.0), done=False))
         bench.loads.stop()
-        load = bench.loads.describe(0.0)
-    sizes = QUICK if args.quick else FULL
-    header = [
-        "## Trainer: the latent cache, memory, a shared sweep, and the step against its floor (SD, SDXL)",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {machine_description(args.device)}; {load} (the machine is shared: ratios compare "
-        "runs made side by side, never figures from different runs)",
-        f"- Workload: tiny SD model, generated {sizes['image_size']} px images, resolution {sizes['resolution']}, "
-        f"center_crop, random_flip, batch {sizes['batch']}, seed 0, fp32 unless said, no checkpoints or "
-        f"validation; each run in its own process{' (quick mode: inline)' if args.quick else ''}, variants "
-        f"alternating, best of {sizes['repeats']} shown unless said; the SDXL part says its own workload.",
-        f"- Loss curves {'agree' if agree else 'DISAGREE'} with the uncached runs (tolerance {LOSS_TOLERANCE:.0e}).",
-        "",
-    ]
-    body = "\n".join(header + sections)
+        body = report(bench.loads.describe(0.0), done=True)
     replace_section(args.output, SECTION, body)
     print(body)
     print(f"\nbench: wrote {args.output} ({time.perf_counter() - started:.0f}s); figures {json.dumps(figures)}",
