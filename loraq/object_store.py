@@ -10,7 +10,8 @@ and `data_dir` a per-host cache, so workers on other hosts share no filesystem w
 - the API validates an upload locally, then writes it to the store before the row commits;
 - a worker pulls a dataset once into its own `data_dir/datasets/<id>` and pushes each artifact as
   it is recorded (a checkpoint's whole folder, its LoRA file last, so a folder in the store is
-  complete once that is there); multipart above `LORAQ_S3_MULTIPART_BYTES`;
+  complete once that is there), from a thread of its own so the lease renewal never waits on an
+  upload (worker/pusher.py); multipart above `LORAQ_S3_MULTIPART_BYTES`;
 - a resumed attempt whose host has no checkpoint pulls the furthest complete one from the store;
 - downloads stream through the API, or (`LORAQ_S3_PRESIGN=true`) answer 307 to a presigned URL;
 - deletes remove the objects under the dataset's or job's prefix.

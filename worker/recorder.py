@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,7 @@ from loraq.jobs import transition
 from loraq.models import Artifact, ArtifactKind, Job, JobEvent, JobMetric, JobState, utcnow
 from loraq.settings import Settings
 from trainer.model import LORA_WEIGHTS_NAME
+from worker.pusher import Pusher
 
 log = logging.getLogger("loraq.worker")
 
@@ -59,6 +61,12 @@ class Recorder:
         # The checkpoint (of any attempt) this attempt resumes from: listed once training starts,
         # since the attempt that wrote it may have died before recording it.
         self.resumed_from: Path | None = None
+        # With an object store, artifacts are pushed from a thread of their own (worker/pusher.py),
+        # never from the supervisor's loop, which renews the lease; before the attempt settles the
+        # recorder waits for them, calling keep_alive (the supervisor's lease renewal; False: stop).
+        self.pusher = Pusher(settings)
+        self.keep_alive: Callable[[], bool] = lambda: True
+        self._final: list | None = None  # the LoRA and log rows of succeed(), described (and queued) once
 
     def record(self, batch: list[dict]) -> None:
         """Write a batch of trainer events in one transaction; raises LostOwnership.
@@ -70,7 +78,7 @@ class Recorder:
         artifacts = [row for event in batch for row in self._artifacts_of(event) if row]
         # With an object store, earlier attempts' checkpoints may live on other hosts: only this
         # attempt's folder (the only one its trainer prunes) tells which ones are gone.
-        store = object_store.from_settings(self.settings)
+        store = self.pusher.store
         pruned: list[str] = []
         with self._transaction() as (session, added):
             self._fence(session, **_progress(batch))
@@ -82,30 +90,54 @@ class Recorder:
                 pruned = _forget_pruned_checkpoints(session, self.job_id, self.attempt_dir if store else None)
             if any(event.get("type") in ("checkpoint", "validation_loss") for event in batch):
                 _mark_best_checkpoint(session, self.job_id)
-        for path in pruned if store else []:  # their objects too, once the rows are gone
-            object_store.remove(self.settings, object_store.relative(self.settings, Path(path).parent))
+        for path in pruned if store else []:  # their objects too, once the rows are gone (after their pushes)
+            self.pusher.remove(object_store.relative(self.settings, Path(path).parent))
 
-    def succeed(self) -> bool:
-        """Record the LoRA files and the log, then move the job to succeeded.
+    def succeed(self) -> str | None:
+        """Record the LoRA files and the log, then move the job to succeeded; None once it is.
 
-        Returns False, writing nothing, when the LoRA file the trainer reported is not there.
+        Returns why not, writing nothing, when the LoRA file the trainer reported is not there,
+        or when an artifact could not be pushed to the object store (after its retries): a job
+        does not succeed with files the API cannot serve.
         """
         done = self.done or {}
         step = done.get("step")
-        loras = [self._describe(ArtifactKind.lora, Path(p).name, Path(p), step) for p in done.get("paths", [])]
+        if self._final is None:  # a settle retried after a database outage pushes nothing twice
+            loras = [self._describe(ArtifactKind.lora, Path(p).name, Path(p), step) for p in done.get("paths", [])]
+            self._final = [loras, self._log_artifact()]
+        loras, log_row = self._final
         names = [row["name"] for row in loras if row]
         if LORA_WEIGHTS_NAME not in names:
-            return False
-        self._settle(JobState.succeeded, [*loras, self._log_artifact()], events.DONE,
+            return "the trainer reported success, but its LoRA file is missing"
+        missing = self.finish_pushes()
+        if missing:
+            return (f"could not store {len(missing)} artifact(s) in {self.pusher.store.url}: "
+                    + "; ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        self._settle(JobState.succeeded, [*loras, log_row], events.DONE,
                      {"step": step, "loss": done.get("loss"), "artifacts": names},
                      step=step, total_steps=done.get("total_steps"))
-        return True
+        return None
 
     def fail(self, message: str) -> None:
-        self._settle(JobState.failed, [self._log_artifact()], events.ERROR, {"message": message}, error=message)
+        log_row = self._log_artifact()
+        self.finish_pushes()  # its checkpoints in the store, for a retry on another host
+        self._settle(JobState.failed, [log_row], events.ERROR, {"message": message}, error=message)
 
     def cancel(self) -> None:
-        self._settle(JobState.canceled, [self._log_artifact()], None, None)
+        log_row = self._log_artifact()
+        self.finish_pushes()
+        self._settle(JobState.canceled, [log_row], None, None)
+
+    def finish_pushes(self) -> list[str]:
+        """Wait for the queued pushes (renewing the lease through keep_alive); what is not in the
+        store is logged and returned."""
+        if self.pusher.store is None:
+            return []
+        missing = self.pusher.finish(self.keep_alive)
+        if missing:
+            log.error("job.artifacts_not_stored job=%s attempt=%s store=%s: %s", self.job_id, self.attempt,
+                      self.pusher.store.url, "; ".join(missing))
+        return missing
 
     def hand_back(self) -> int | None:
         """Put the job back in the queue as the next attempt (its worker is shutting down), which
@@ -115,9 +147,10 @@ class Recorder:
         Returns the new attempt, or None when the job was being canceled (it is canceled now).
         """
         new_attempt = self.attempt + 1
+        log_row = self._log_artifact()
+        self.finish_pushes()  # the checkpoint just written, for the next attempt on whichever host
         with self._transaction() as (session, added):
             self._fence(session)
-            log_row = self._log_artifact()
             if log_row:
                 _upsert_artifact(session, log_row)
             state_event = transition(session, self.job_id, JobState.running, JobState.queued, attempt=self.attempt,
@@ -256,8 +289,8 @@ class Recorder:
         if (within or self.attempt_dir) not in path.parents or not path.is_file():
             log.warning("job.artifact_missing job=%s name=%s path=%s", self.job_id, name, path)
             return None
-        if within is None:  # with an object store, pushed as written (a checkpoint's whole folder)
-            object_store.push(self.settings, path, LORA_WEIGHTS_NAME if kind == ArtifactKind.checkpoint else None)
+        if within is None:  # with an object store, queued to push now (a checkpoint's whole folder)
+            self.pusher.push(path, LORA_WEIGHTS_NAME if kind == ArtifactKind.checkpoint else None)
         return {"job_id": self.job_id, "kind": kind.value, "name": name, "path": str(path),
                 "size": path.stat().st_size, "sha256": storage.sha256_file(path), "step": step}
 

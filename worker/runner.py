@@ -221,6 +221,7 @@ class Supervisor:
         self._stepped = False  # a step event has been read: the training is past its setup
         self.outage = StoreOutage(self.job_id)
         self.wall_clock = WallClock(settings.max_job_seconds)  # LORAQ_MAX_JOB_SECONDS (loraq/limits.py)
+        recorder.keep_alive = self._keep_alive  # while it waits for its pushes before settling
 
     def run(self) -> Outcome:
         try:
@@ -380,6 +381,32 @@ class Supervisor:
                 return self._abandon("the shutdown grace ran out", "left to its lease")
             time.sleep(POLL_S)
 
+    def _keep_alive(self) -> bool:
+        """Renew the lease when due while the recorder waits for its artifacts' pushes (a large
+        file to a slow store can take longer than the lease); False ends the wait when the
+        shutdown grace is nearly spent. A database that does not answer is left to the settle
+        that follows (its fence, and _with_store's wait)."""
+        if self.shutdown is not None and self.shutdown.left_s() <= HANDBACK_RESERVE_S:
+            return False
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return True
+        self._next_heartbeat = now + self.settings.heartbeat_s
+        try:
+            with self.resources.sessions.begin() as session:
+                if not jobs.renew_lease(session, self.job_id, self.attempt, self.settings.lease_s):
+                    raise LostOwnership
+        except LostOwnership:
+            raise
+        except Exception as error:
+            if unavailable_store(error) is None:
+                raise
+            log.warning("job.lease_not_renewed job=%s attempt=%s while pushing artifacts: %s", self.job_id,
+                        self.attempt, error)
+            return True
+        self._renewed_at = now
+        return True
+
     def _lease_ran_out(self) -> bool:
         return self.outage.since is not None and time.monotonic() - self._renewed_at > self.settings.lease_s
 
@@ -450,11 +477,11 @@ class Supervisor:
         """The child has ended: succeeded if it said `done` and exited 0, handed back if it
         stopped on request, else failed with its reason."""
         if self.process.exitcode == 0 and self.recorder.done:
-            if self.recorder.succeed():
+            message = self.recorder.succeed()
+            if message is None:
                 log.info("job.succeeded job=%s attempt=%s step=%s", self.job_id, self.attempt,
                          self.recorder.done.get("step"))
                 return Outcome.succeeded
-            message = "the trainer reported success, but its LoRA file is missing"
         elif self.process.exitcode == 0 and self.recorder.stopped and self.wall_clock.asked:
             message = self.wall_clock.message(self.recorder.stopped.get("step"))
         elif self.process.exitcode == 0 and self.recorder.stopped:
