@@ -58,6 +58,22 @@ class LongCaptions(BaseModel):
     note: str
 
 
+class BucketCount(BaseModel):
+    width: int
+    height: int
+    images: int
+
+
+class BucketPlan(BaseModel):
+    """The aspect-ratio buckets (enable_bucket, trainer/buckets.py) the images fall into."""
+
+    resolution: int
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    buckets: list[BucketCount] = Field(description="bucket sizes (width, height) and image counts, most images first")
+
+
 class DatasetReport(BaseModel):
     """The pre-flight check of an upload."""
 
@@ -71,6 +87,10 @@ class DatasetReport(BaseModel):
     duplicates: list[list[str]] = Field(description="groups of byte-identical images")
     refused: list[RefusedFile] = Field(description="files left out of the dataset, with the reason")
     warnings: list[str]
+    bucket_plans: list[BucketPlan] = Field(
+        default_factory=list,
+        description="with enable_bucket and the default bucket options, the buckets at resolution 512 (the SD, "
+                    "Flux and SD3 default) and 1024 (SDXL's); a job's own plan is in its start event")
 
 
 class CaptionPreview(BaseModel):

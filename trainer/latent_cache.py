@@ -3,6 +3,8 @@
 What it holds. Per image and orientation (plain, mirrored) the VAE's posterior *parameters*
 (mean and log-variance, not a sample: the loop samples them anew each step with the same random
 draws as the uncached loop); per caption the text conditioning (SD: `encoder_hidden_states`).
+With aspect-ratio buckets each bucket size is a kind of its own (`latent-{w}x{h}`): a kind's
+records share one layout, and each bucket's latents have their own shape.
 
 When it fills. As the loop goes: an image is encoded the first time a batch needs it (the
 uncached loop's work, no more), later uses read it. Where an up-front pass pays (see
@@ -309,6 +311,7 @@ class LatentCache:
         self._segments: list[_SegmentFiles] = []
         self._disk_failed = False
         self.memory_format: str | None = None
+        self.batch_layouts: dict[tuple[int, ...], str] = {}  # params' shape -> the VAE's layout for it
         if self.root is not None:
             self.key_dir.mkdir(parents=True, exist_ok=True)
             self._load_published()
@@ -631,11 +634,23 @@ def batch_latent_params(
     if cached is not None:
         cached = cached.to(device, fresh.dtype if fresh is not None else cached.dtype)
     params = _merge(count, cached, batch.get("latent_params_rows"), fresh, batch.get("pixel_values_rows"))
-    if cache.memory_format is None:  # every row came from a cache that did not record it
-        _, _, height, width = params.shape
-        probe = torch.zeros((1, 3, height * 8, width * 8), device=device, dtype=params.dtype)
-        cache.memory_format = memory_format_of(encode_image_params(probe))
-    return params.contiguous(memory_format=MEMORY_FORMATS[cache.memory_format])
+    # The layout the VAE gives a batch of this shape (the uncached loop's): on some CPUs it
+    # depends on the shape (a batch of one may come back contiguous, one of two channels-last),
+    # and so it does across buckets and a bucket's short batch. Learnt once per shape: from a
+    # batch encoded whole, else from encoding zeros of that shape (no random draws).
+    shape = tuple(params.shape)
+    layout = cache.batch_layouts.get(shape)
+    if layout is None:
+        if fresh is not None and batch.get("pixel_values_rows") is None:
+            layout = memory_format_of(fresh)
+        else:
+            _, _, height, width = shape
+            if "pixel_values" in batch:
+                height, width = (side // 8 for side in batch["pixel_values"].shape[-2:])
+            probe = torch.zeros((count, 3, height * 8, width * 8), device=device, dtype=params.dtype)
+            layout = memory_format_of(encode_image_params(probe))
+        cache.batch_layouts[shape] = layout
+    return params.contiguous(memory_format=MEMORY_FORMATS[layout])
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from api.schemas import CaptionPreview, DatasetReport, LongCaptions, RefusedFile
+from api.schemas import BucketPlan, CaptionPreview, DatasetReport, LongCaptions, RefusedFile
+from trainer.buckets import Buckets
 from trainer.files import Example
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, including the start and end tokens
@@ -14,6 +15,9 @@ SMALL_SIDES = (512, 768, 1024)
 PREVIEW_CAPTIONS = 8
 PREVIEW_CHARS = 200
 LISTED = 20
+# The families' default resolutions (SD, Flux, SD3: 512; SDXL: 1024): the report cannot know a
+# job's, so it plans buckets at both with the default bucket options.
+BUCKET_RESOLUTIONS = (512, 1024)
 # CLIP's pre-tokenizer (`[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+` and the contractions) in Python's
 # `re`: every piece becomes at least one BPE token, so the count is a lower bound.
 _CLIP_PIECES = re.compile(
@@ -68,7 +72,15 @@ def build_report(
         duplicates=[group for group in groups.values() if len(group) > 1],
         refused=refused,
         warnings=warnings,
+        bucket_plans=[bucket_plan(Buckets.defaults(resolution), sizes) for resolution in BUCKET_RESOLUTIONS],
     )
+
+
+def bucket_plan(buckets: Buckets, sizes: list[tuple[int, int]]) -> BucketPlan:
+    settings = buckets.describe()
+    return BucketPlan(resolution=buckets.resolution, min_bucket_reso=settings["min_bucket_reso"],
+                      max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=buckets.step,
+                      buckets=buckets.plan(sizes))
 
 
 def caption_preview(root: Path, examples: list[Example]) -> list[CaptionPreview]:

@@ -49,6 +49,12 @@ def test_zip_with_sidecar_captions_gets_a_report(client, settings, upload, png):
     assert report["smaller_than"] == {"512": 3, "768": 3, "1024": 3}
     assert report["duplicates"] == [["a.png", "c.png"]]
     assert report["long_captions"]["files"] == ["b.png"] and report["long_captions"]["estimate"] is True
+    # aspect-ratio buckets at 512 (kohya's defaults: 256..1024 in steps of 64): the squares go to
+    # 512x512; 32x48 (ratio 0.667) to 384x640 (0.6; the next, 448x576, is 0.778)
+    plan = {plan["resolution"]: plan for plan in report["bucket_plans"]}
+    assert (plan[512]["min_bucket_reso"], plan[512]["max_bucket_reso"], plan[512]["bucket_reso_steps"]) == (256, 1024, 64)
+    assert plan[512]["buckets"] == [{"width": 512, "height": 512, "images": 2}, {"width": 384, "height": 640, "images": 1}]
+    assert sum(bucket["images"] for bucket in plan[1024]["buckets"]) == 3
     refused = {item["file"]: item["reason"] for item in report["refused"]}
     assert set(refused) == {"notes.pdf", "broken.png"}
     assert "not an image" in refused["notes.pdf"]
