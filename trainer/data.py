@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from trainer import captions
-from trainer.buckets import Buckets
+from trainer.buckets import BucketError, Buckets
 from trainer.files import (  # noqa: F401 - re-exported: the loop and tests use them from here
     DatasetError, Example, dataset_folder, extract_zip, inspect_folder, load_rgb, probe_image,
     scan_examples,
@@ -340,4 +340,15 @@ def make_batch_sampler(dataset, batch_size: int, num_processes: int = 1) -> Epoc
     transform = getattr(dataset, "transform", None)
     if getattr(transform, "buckets", None) is None:
         return EpochBatchSampler(len(dataset), batch_size, num_processes)
-    return BucketBatchSampler([transform.crop_size(e.size) for e in dataset.examples], batch_size, num_processes)
+    return BucketBatchSampler(bucket_sizes(dataset.examples, transform), batch_size, num_processes)
+
+
+def bucket_sizes(examples: Sequence[Example], transform: ImageTransform) -> list[tuple[int, int]]:
+    """Each example's bucket (the crop's width, height); an image no bucket takes is named."""
+    sizes = []
+    for example in examples:
+        try:
+            sizes.append(transform.crop_size(example.size))
+        except BucketError as error:
+            raise DatasetError(f"{example.path.name}: {error}") from None
+    return sizes

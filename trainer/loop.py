@@ -407,6 +407,8 @@ def _build_dataset(config: CommonConfig, family: Family, folder: Path, component
     policy = captions.CaptionPolicy.from_config(config)
     captions.activate(policy)  # shuffled tags / dropout drawn at every read (data.draw_caption)
     examples = captions.apply_fixed(policy, examples)
+    if getattr(transform, "buckets", None) is not None:
+        data.bucket_sizes(examples, transform)  # an image no bucket takes fails here, by name
     if _use_cache(config, examples, transform):
         return _cached_dataset(config, family, folder, examples, transform, components, device), True, len(examples)
     return family.dataset(config, examples, components), False, len(examples)

@@ -18,7 +18,7 @@ from PIL import Image
 from support.resume import assert_resume_matches
 from trainer.buckets import BucketError, Buckets, make_bucket_resolutions
 from trainer.config import ConfigError, load_config
-from trainer.data import BucketBatchSampler, ResumePoint, collate, load_rgb
+from trainer.data import BucketBatchSampler, DatasetError, ResumePoint, collate, load_rgb
 from trainer.events import Event
 from trainer.families.sdxl import SDXLFamily
 from trainer.loop import setup, train
@@ -108,6 +108,12 @@ def test_no_upscale_keeps_small_images_and_shrinks_large_ones():
             assert fit.resized[0] * fit.resized[1] <= 64 * 64 * 1.05
     with pytest.raises(BucketError, match="shorter than bucket_reso_steps"):
         buckets.fit((40, 10))
+
+
+def test_an_image_no_bucket_takes_is_named(tiny_model, tmp_path):
+    folder = write_images(tmp_path / "data", [(48, 48), (40, 10)])
+    with pytest.raises(DatasetError, match=r"\d+\.png: an image of 40x10 has a side shorter than bucket_reso_steps"):
+        train(bucket_config("sd", tiny_model, folder, tmp_path / "out", bucket_no_upscale=True))
 
 
 def test_options_are_validated_with_clear_messages(tiny_model, mixed_data, tmp_path):
