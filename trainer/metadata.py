@@ -89,6 +89,7 @@ class MetadataRecorder:
             "ss_v2": str(False), "ss_v_parameterization": str(prediction == "v_prediction"),
             "ss_prediction_type": prediction, "ss_training_started_at": str(self.started_at),
             "ss_training_finished_at": str(now), "ss_training_comment": TRAINER_VERSION,
+            **_bucket_metadata(config),
             **self.dataset(),
             # the Stability model spec
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
@@ -209,3 +210,12 @@ def _captions(folder: Path, caption_column: str) -> dict[str, str]:
             caption = path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
         captions[name] = ", ".join(caption) if isinstance(caption, tuple) else (caption or "")
     return captions
+
+
+def _bucket_metadata(config) -> dict[str, str]:
+    """kohya's bucket keys: whether aspect-ratio buckets were on and their limits."""
+    if not getattr(config, "enable_bucket", False):
+        return {"ss_enable_bucket": "False"}
+    low, high = config.bucket_limits
+    return {"ss_enable_bucket": "True", "ss_min_bucket_reso": str(low), "ss_max_bucket_reso": str(high),
+            "ss_bucket_no_upscale": str(config.bucket_no_upscale)}

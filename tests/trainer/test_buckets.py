@@ -14,14 +14,17 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from PIL import Image
+from safetensors import safe_open
 
 from support.resume import assert_resume_matches
+from trainer import metadata
 from trainer.buckets import BucketError, Buckets, make_bucket_resolutions
 from trainer.config import ConfigError, load_config
 from trainer.data import BucketBatchSampler, DatasetError, ResumePoint, collate, load_rgb
 from trainer.events import Event
 from trainer.families.sdxl import SDXLFamily
 from trainer.loop import setup, train
+from trainer.model import KOHYA_WEIGHTS_NAME
 from trainer.sample_data import write_sample_dataset
 
 # (width, height) of the mixed dataset's images and, at resolution 64 with steps of 16 (buckets
@@ -196,8 +199,12 @@ def test_every_batch_comes_from_one_bucket_and_the_start_event_lists_the_plan(ti
     expected = Counter(bucket for _, bucket in MIXED)
     assert epoch_shapes(run) == expected
     events: list[Event] = []
-    train(config, events.append)
+    with metadata.recording(config) as recorder:
+        train(config, lambda event: (recorder(event), events.append(event)))
     start = next(e for e in events if e.type == "start")
+    with safe_open(str(tmp_path / "run" / KOHYA_WEIGHTS_NAME), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_enable_bucket"], meta["ss_min_bucket_reso"], meta["ss_max_bucket_reso"]) == ("True", "32", "128")
     assert start.data["buckets"] == [{"width": w, "height": h, "images": n}
                                      for (w, h), n in sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))]
     # without buckets the start event says nothing of them and every image is the square
