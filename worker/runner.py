@@ -270,6 +270,9 @@ class Supervisor:
                                 self.job_id, self.attempt, self.wall_clock.limit_s)
                 if self.wall_clock.overdue():
                     self.process.stop()
+                    # What it wrote before it stopped (a checkpoint saved a moment ago) is recorded
+                    # with the failure, so the checkpoint a retry resumes from is listed.
+                    self._pending.extend(self.process.poll(0))
                     self._remove_incomplete()
                     return self._with_store(lambda: _settle(self.recorder, Outcome.failed, self._fail,
                                                             self.wall_clock.message()))
