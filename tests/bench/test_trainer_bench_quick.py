@@ -30,6 +30,8 @@ def test_quick_trainer_benchmark_writes_every_section(tmp_path):
     assert ratio > 0
     # Each arm's best, and each adjacent pair's ratio (one pair in quick mode).
     assert re.search(r"default / plain: [0-9.]+x steps/s\*\* .*run after run: [0-9.]+x \(median [0-9.]+x\)", section)
+    cpu = float(re.search(r"\*\*([0-9.]+)x by CPU time a step\*\*", section).group(1))
+    assert cpu > 0
     assert re.search(r"\| tiny, 32 px, batch 2 \| fp32 \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\*", section)
     # The SDXL shape, fp32 and bf16: trainer and floor both measured, the ratio theirs.
     for precision in ("fp32", "bf16"):
