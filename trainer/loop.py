@@ -247,9 +247,15 @@ def optimize(run: Run, latents, noise, timesteps, conditioning: Conditioning) ->
                                       noisy_latents, timesteps)
     loss = objective.loss(model_pred, target, timesteps)
 
-    # Every process's mean loss, for logging (one process: no collective to go through).
-    losses = loss.detach().repeat(latents.shape[0])
-    avg_loss = (run.accelerator.gather(losses) if run.accelerator.num_processes > 1 else losses).mean()
+    # Every process's mean loss, for logging (one process: no collective to go through), weighted
+    # by its rows. Each process sends a fixed-size [loss x rows, rows]: with aspect-ratio buckets
+    # the processes' batches may differ in size, and a gather needs the same size everywhere.
+    rows = latents.shape[0]
+    if run.accelerator.num_processes > 1:
+        totals = run.accelerator.gather(torch.stack([loss.detach().float() * rows, loss.new_tensor(rows).float()]))
+        avg_loss = totals.view(-1, 2)[:, 0].sum() / totals.view(-1, 2)[:, 1].sum()
+    else:
+        avg_loss = loss.detach().repeat(rows).mean()
     run.accelerator.backward(loss)
     grad_norm = None
     if run.accelerator.sync_gradients:

@@ -5,7 +5,11 @@ one, on the tiny models of every family."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +60,7 @@ def small_data(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("small") / "data", SMALL)
 
 
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"sd": "tiny_model", "sdxl": "tiny_sdxl", "flux": "tiny_flux_model", "sd3": "tiny_sd3_model"}
 
 
@@ -298,3 +303,37 @@ def test_resumed_bucketed_run_equals_an_uninterrupted_one(family, mixed_data, tm
     common = dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, cache_latents=False)
     assert_resume_matches(lambda out, **extra: bucket_config(family, model, mixed_data, out, **common, **extra),
                           tmp_path, crash_step=4, checkpoint_step=3)
+
+
+def test_two_processes_train_bucketed_batches(tiny_model, mixed_data, tmp_path):
+    """Each rank gets whole single-bucket batches (4 an epoch, 2 per rank): every step once, to the end."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer", "train",
+        "--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(mixed_data),
+        "--output_dir", str(out), "--max_train_steps", "3", "--resolution", "64", "--train_batch_size", "2",
+        "--seed", "0", "--checkpointing_steps", "2", "--no-progress", "--device", "cpu", "--random_flip",
+        "--enable_bucket", "--bucket_reso_steps", "16",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["type"] == "start" and sum(b["images"] for b in events[0]["data"]["buckets"]) == len(MIXED)
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
+    assert events[-1]["type"] == "done" and (out / "checkpoint-2").is_dir()
+
+
+def test_validation_loss_is_measured_on_bucketed_held_out_images(tiny_sdxl, mixed_data, tmp_path):
+    """Held-out images are transformed into their own buckets too (one at a time); the same
+    weights give the same value."""
+    config = bucket_config("sdxl", tiny_sdxl, mixed_data, tmp_path, validation_split=0.34, max_train_steps=2,
+                           checkpointing_steps=1, cache_latents=False)
+    result = train(config)
+    assert sorted(result.validation_losses) == [1, 2]
+    assert all(math.isfinite(value) for value in result.validation_losses.values())
+    run = setup(config)
+    assert run.validator.measure(run) == run.validator.measure(run)
+    for index, example in enumerate(run.validator.examples):
+        width, height = Buckets(64, 32, 128, 16).fit(example.size).bucket
+        assert run.validator.dataset[index]["target_size"].tolist() == [height, width]
