@@ -121,6 +121,19 @@ class JobCount(Base):
     n: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class JobVersion(Base):
+    """A counter per owner (and one for the queue, owner '') that database triggers (migration
+    0010) bump in the writing transaction on every change a GET /v1/jobs page shows: the owner's
+    jobs' listed columns and metrics, and for the queue's, anything that moves queue positions.
+    API processes keep pages in memory under these counters (api/services/jobs.py, PageCache).
+    A SQLite migration that recreates `jobs` or `job_metrics` drops the triggers: create them again."""
+
+    __tablename__ = "job_versions"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)  # '': the queue
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class JobMetric(Base):
     __tablename__ = "job_metrics"
     __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_metrics_job_step"),)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from api.deps import (CeleryDep, OwnedJob, PrincipalDep, RedisDep, SessionDep, SessionFactoryDep,
                       SettingsDep)
@@ -39,16 +38,28 @@ def validate_job(body: JobCreate, session: SessionDep, settings: SettingsDep, pr
 
 
 @router.get("", response_model=JobList, responses=ERRORS)
-async def list_jobs(factory: SessionFactoryDep, principal: PrincipalDep, state: JobState | None = None,
-              dataset_id: Annotated[str | None, Query(max_length=64, description="only this dataset's jobs")] = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
+async def list_jobs(request: Request, factory: SessionFactoryDep, principal: PrincipalDep,
+                    state: JobState | None = None,
+                    dataset_id: Annotated[str | None, Query(max_length=64, description="only this dataset's jobs")]
+                    = None,
+                    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
     """Your jobs (an admin's: everyone's), most recently queued first; `total` counts every match."""
-    # The most polled route (every open jobs page, every 2 s): one worker thread for the whole
-    # read and its JSON, instead of one per FastAPI step (session, endpoint, response check,
-    # teardown); the body is JobList's, built by the service (see list_jobs_json).
-    body = await run_in_threadpool(service.page_of_jobs, factory, principal, state, limit, offset, dataset_id)
+    # The most polled route (every open jobs page, every 2 s): the page as this process last
+    # built it while its job_versions counters have not moved (service.PageCache), else built in
+    # one worker thread; the body is JobList's, written by the service (see list_jobs_json).
+    body = await page_cache(request).page(factory, principal, state, limit, offset, dataset_id)
     return Response(body, media_type="application/json")
+
+
+def page_cache(request: Request) -> service.PageCache:
+    """The process's kept pages (service.PageCache) on the app's state, made with its first
+    listing (on the event loop: no other request can make a second one meanwhile)."""
+    state = request.app.state
+    cache = getattr(state, "job_pages", None)
+    if cache is None:
+        cache = state.job_pages = service.PageCache(state.engine)
+    return cache
 
 
 @router.get("/{job_id}", responses=ERRORS)

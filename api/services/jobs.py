@@ -6,6 +6,7 @@ are sent only after the database commit (the row is the truth, a message only a 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -13,14 +14,16 @@ import logging
 import math
 import mimetypes
 import shutil
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import redis as redis_lib
 from celery import Celery
-from sqlalchemy import Integer, Text, and_, bindparam, cast, delete, exists, func, or_, select, tuple_
+from sqlalchemy import Engine, Integer, Text, and_, bindparam, cast, delete, exists, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import load_dataset
 from api.services.models import resolve_for_job
@@ -483,6 +486,148 @@ def page_of_jobs(factory: sessionmaker[Session], principal: Principal, state: Jo
         return list_jobs_json(session, principal, state, limit, offset, dataset_id).encode()
 
 
+# --------------------------------------------------------------------------------------------
+# Pages kept in memory
+
+
+class PageCache:
+    """The GET /v1/jobs pages this API process answered, answered again while nothing they show
+    has changed: a request then costs a share of one small read instead of the page's six
+    statements, 50 rows and their JSON.
+
+    Each page is kept with the stamp it was built under: the sum of the job_versions counters its
+    scope depends on (the owner's and the queue's; an admin's, all of them), which triggers bump
+    in the transaction of every write a page shows (migration 0010), whoever writes it. Each
+    counter only grows, so any bump moves the sum. The stamp is read before the page, so a kept
+    page is never older than its stamp: once a write commits, the next request, in this process
+    or any other, reads another stamp and builds the page anew. Nothing a page shows depends on
+    the clock (an ETA is computed from metric times), so a kept page has no age limit.
+
+    Stamps are read for many requests at once: a request waits for the next read that starts
+    after it arrived (one runs at a time, in a worker thread, for every owner waiting), which under
+    load serves tens of requests with one statement and one thread hand-off.
+
+    One per API process (on the app's state), bounded by pages and bytes, least recently used
+    first out; it runs on the event loop (no locks) but for the reads and page builds, in worker
+    threads. A page several requests miss at once is built once (they wait for the same build).
+    """
+
+    def __init__(self, engine: Engine, max_pages: int = 256, max_bytes: int = 64 << 20):
+        self.engine = engine
+        self.max_pages, self.max_bytes = max_pages, max_bytes
+        self._pages: OrderedDict[tuple, tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._building: dict[tuple, asyncio.Future] = {}
+        self._next: asyncio.Future | None = None  # the stamp read that has not started yet
+        self._next_scopes: set[str | None] = set()  # the owners it reads for (None: an admin's)
+        self._reader: asyncio.Task | None = None
+        self._marker = "%s" if engine.dialect.paramstyle in ("format", "pyformat") else "?"
+        self._postgres = engine.dialect.name == "postgresql"
+
+    async def stamp(self, principal: Principal) -> int:
+        """The sum of the counters `principal`'s pages depend on, read after this call began."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._next_scopes = set()
+            if self._reader is None:
+                self._reader = asyncio.ensure_future(self._read_stamps())
+        scope = None if principal.admin else principal.owner
+        self._next_scopes.add(scope)
+        stamps = await asyncio.shield(self._next)  # a waiter going away must not cancel the others' read
+        return stamps[scope]
+
+    async def _read_stamps(self) -> None:
+        """Start each pending read once the one before it has ended (until none is pending)."""
+        try:
+            while self._next is not None:
+                done, scopes, self._next = self._next, self._next_scopes, None
+                try:
+                    stamps = await run_in_threadpool(self.read_stamps, scopes)
+                except Exception as error:  # noqa: BLE001 - each waiter answers it (a store outage: 503)
+                    done.set_exception(error)
+                    done.exception()  # retrieved here: every waiter may have gone
+                except BaseException:  # cancelled (the loop is closing): so are its waiters
+                    done.cancel()
+                    raise
+                else:
+                    done.set_result(stamps)
+        finally:
+            self._reader = None
+            if self._next is not None:  # cancelled before it started: its waiters too
+                self._next.cancel()
+                self._next = None
+
+    def read_stamps(self, scopes: set[str | None]) -> dict[str | None, int]:
+        """{owner: the sum of their row and the queue's; None: the sum of all}, in one statement on
+        a raw DBAPI cursor (SQLAlchemy's statement machinery cost more than the read), in
+        autocommit on PostgreSQL (one round trip, where a transaction adds a BEGIN and the pool's
+        ROLLBACK)."""
+        owners = sorted(scope for scope in scopes if scope is not None)
+        if None in scopes:
+            sql, params = "SELECT owner, n FROM job_versions", ()
+        else:
+            sql = f"SELECT owner, n FROM job_versions WHERE owner IN ('', {', '.join([self._marker] * len(owners))})"
+            params = owners
+        connection = self.engine.raw_connection()
+        try:
+            driver = connection.driver_connection
+            if self._postgres:
+                driver.autocommit = True  # as SQLAlchemy's own pre-ping does; restored below
+            try:
+                cursor = driver.cursor()
+                try:
+                    cursor.execute(sql, params)
+                    counters = dict(cursor.fetchall())
+                finally:
+                    cursor.close()
+            finally:
+                if self._postgres:
+                    driver.autocommit = False
+        finally:
+            connection.close()
+        queue = counters.get("", 0)
+        stamps = {owner: counters.get(owner, 0) + queue for owner in owners}
+        if None in scopes:
+            stamps[None] = sum(counters.values())
+        return stamps
+
+    async def page(self, factory: sessionmaker[Session], principal: Principal, state: JobState | None,
+                   limit: int, offset: int, dataset_id: str | None = None) -> bytes:
+        """The page's JSON (the body `page_of_jobs` writes), kept or built."""
+        stamp = await self.stamp(principal)
+        key = (principal.admin, None if principal.admin else principal.owner, state, dataset_id, limit, offset)
+        kept = self._pages.get(key)
+        if kept is not None and kept[0] == stamp:
+            self._pages.move_to_end(key)
+            return kept[1]
+        build = self._building.get((key, stamp))
+        if build is None:
+            build = asyncio.ensure_future(run_in_threadpool(page_of_jobs, factory, principal, state, limit, offset,
+                                                            dataset_id))
+            self._building[key, stamp] = build
+            build.add_done_callback(functools.partial(self._built, key, stamp))
+        return await asyncio.shield(build)  # a client going away must not cancel the build others wait for
+
+    def _built(self, key: tuple, stamp: int, build: asyncio.Future) -> None:
+        del self._building[key, stamp]
+        if build.cancelled() or build.exception() is not None:  # each waiter answers the error
+            return
+        kept = self._pages.get(key)
+        if kept is not None:
+            if kept[0] > stamp:  # a build under a later stamp finished first: keep the newer
+                return
+            self._bytes -= len(kept[1])
+            del self._pages[key]
+        body = build.result()
+        if len(body) > self.max_bytes:
+            return
+        self._pages[key] = (stamp, body)
+        self._bytes += len(body)
+        while len(self._pages) > self.max_pages or self._bytes > self.max_bytes:
+            _, (_, dropped) = self._pages.popitem(last=False)
+            self._bytes -= len(dropped)
+
+
 def list_metrics(session: Session, job: Job, after_step: int, limit: int) -> list[JobMetric]:
     return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step > after_step)
                                 .order_by(JobMetric.step).limit(limit)))
@@ -557,6 +702,13 @@ def delete_job(session: Session, settings: Settings, redis, job: Job) -> None:
     """Remove a finished job's rows and files; 409 while it is queued, running or canceling."""
     if JobState(job.state) in ACTIVE_STATES:
         raise Conflict(f"job {job.id} is {job.state}; cancel it and let it stop before deleting it")
+    # The job's row first: deleting its metrics bumps its owner's job_versions counter (migration
+    # 0010), which every other writer takes after a job's row; a retry racing this delete would
+    # otherwise hold the row and wait for the counter held here (a deadlock on PostgreSQL).
+    if session.scalar(select(Job.id).where(Job.id == job.id, Job.state.in_([s.value for s in FINAL_STATES]))
+                      .with_for_update()) is None:
+        session.rollback()
+        raise Conflict(f"job {job.id} changed state meanwhile; try again")
     for table in (JobMetric, JobEvent, Artifact, WebhookDelivery):
         session.execute(delete(table).where(table.job_id == job.id))
     deleted = session.execute(delete(Job).where(Job.id == job.id, Job.state.in_([s.value for s in FINAL_STATES])))

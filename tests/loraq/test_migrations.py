@@ -7,7 +7,7 @@ from loraq.migrate import downgrade, upgrade
 from loraq.models import Base
 
 TABLES = {"datasets", "jobs", "job_metrics", "job_events", "artifacts", "api_keys", "base_models",
-          "webhook_secrets", "webhook_deliveries", "job_counts"}
+          "webhook_secrets", "webhook_deliveries", "job_counts", "job_versions"}
 
 
 def tables(settings) -> set[str]:
