@@ -295,7 +295,7 @@ def test_sdxl_time_ids_come_from_the_bucket_crop(tiny_sdxl, mixed_data, tmp_path
     assert time_ids.tolist() == [[*i["original_size"].tolist(), *i["crop_top_left"].tolist(), 48, 80] for i in one]
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", list(MODELS))
 def test_resumed_bucketed_run_equals_an_uninterrupted_one(family, mixed_data, tmp_path, request):
     """Random crops and flips, 4 single-bucket batches an epoch: the checkpoint at step 3 is mid-epoch,
     the crash at step 4 and the end (step 6) in the next."""
@@ -337,3 +337,11 @@ def test_validation_loss_is_measured_on_bucketed_held_out_images(tiny_sdxl, mixe
     for index, example in enumerate(run.validator.examples):
         width, height = Buckets(64, 32, 128, 16).fit(example.size).bucket
         assert run.validator.dataset[index]["target_size"].tolist() == [height, width]
+
+
+def test_resumed_cached_bucketed_run_equals_an_uninterrupted_one(tiny_sdxl, mixed_data, tmp_path):
+    """The same with the latent cache on (fixed crops, flips drawn): the resumed run encodes what
+    it needs again and still follows the uninterrupted run."""
+    common = dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, center_crop=True, cache_latents=True)
+    assert_resume_matches(lambda out, **extra: bucket_config("sdxl", tiny_sdxl, mixed_data, out, **common, **extra),
+                          tmp_path, crash_step=4, checkpoint_step=3)
