@@ -39,6 +39,7 @@ def test_upload_submit_watch_and_download(service, browse, tmp_path):
     # then the page showed the server's report of the upload
     report = seen["report"]
     assert (report["Images"], report["Missing captions"], report["Refused files"]) == ("5", "1", "1"), report
+    assert report["Buckets at 512"] == "512×512: 5", report  # square images: the square bucket
     assert len(seen["refused"]) == 1 and seen["refused"][0].startswith("broken.png"), seen["refused"]
 
     # and the job ran on that dataset with the form's options

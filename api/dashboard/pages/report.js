@@ -14,6 +14,9 @@ export function reportSummary(report, {compact = false} = {}) {
     ['Refused files', report.refused.length],
     ['Smallest', size(report.min_size)],
     ['Largest', size(report.max_size)],
+    // aspect-ratio buckets (enable_bucket) with the default options at the families' resolutions
+    ...(report.bucket_plans || []).map((plan) => [`Buckets at ${plan.resolution}`,
+      plan.buckets.map((b) => `${b.width}×${b.height}: ${b.images}`).join(', ') || '—']),
   ];
   const problems = [];
   if (missing) problems.push(h('li', {text: `${missing} image(s) have no caption; jobs train them with an empty caption.`}));
