@@ -78,7 +78,9 @@ class Buckets:
 
     @property
     def predefined(self) -> list[Size]:
-        return [] if self.no_upscale else make_bucket_resolutions(self.resolution, self.min_reso, self.max_reso, self.step)
+        if self.no_upscale:
+            return []
+        return make_bucket_resolutions(self.resolution, self.min_reso, self.max_reso, self.step)
 
     def describe(self) -> dict:
         return {"resolution": self.resolution, "min_bucket_reso": self.min_reso, "max_bucket_reso": self.max_reso,

@@ -470,7 +470,8 @@ def _cached_dataset(config, family: Family, folder: Path, examples, transform, c
                  else [latent_cache.text_key(e.caption) for e in examples])
     orientations = 2 if config.random_flip else 1
     flips = (False, True)[:orientations]
-    missing = sum(not cache.has(kind, latent_cache.latent_key(k, f)) for k, kind in zip(image_keys, kinds) for f in flips)
+    missing = sum(not cache.has(kind, latent_cache.latent_key(k, f))
+                  for k, kind in zip(image_keys, kinds) for f in flips)
     missing += len({k for k in text_keys or () if not cache.has(latent_cache.TEXT, k)})
     total = len(image_keys) * orientations + len(set(text_keys or ()))
     steps = config.max_train_steps or config.num_train_epochs * math.ceil(len(examples) / config.train_batch_size)
