@@ -522,7 +522,9 @@ class PageCache:
         self._next_scopes: set[str | None] = set()  # the owners it reads for (None: an admin's)
         self._reader: asyncio.Task | None = None
         self._marker = "%s" if engine.dialect.paramstyle in ("format", "pyformat") else "?"
-        self._postgres = engine.dialect.name == "postgresql"
+        # pysqlite starts no transaction for a SELECT; psycopg would (and its pool reset a ROLLBACK)
+        self._reads = (engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql"
+                       else engine)
 
     async def stamp(self, principal: Principal) -> int:
         """The sum of the counters `principal`'s pages depend on, read after this call began."""
@@ -558,33 +560,20 @@ class PageCache:
                 self._next = None
 
     def read_stamps(self, scopes: set[str | None]) -> dict[str | None, int]:
-        """{owner: the sum of their row and the queue's; None: the sum of all}, in one statement on
-        a raw DBAPI cursor (SQLAlchemy's statement machinery cost more than the read), in
-        autocommit on PostgreSQL (one round trip, where a transaction adds a BEGIN and the pool's
-        ROLLBACK)."""
+        """{owner: the sum of their row and the queue's; None: the sum of all}, in one statement:
+        SQL text through SQLAlchemy's connection (no statement to compile), in autocommit on
+        PostgreSQL (one round trip, where a transaction adds a BEGIN and a ROLLBACK). A raw DBAPI
+        cursor from the pool cost less (24 against 43 us of CPU on SQLite, 109 against 192 us on
+        PostgreSQL), but a read is shared by many requests under load, and the connection turns
+        an outage into SQLAlchemy's errors (a 503) and drops a broken connection from the pool."""
         owners = sorted(scope for scope in scopes if scope is not None)
         if None in scopes:
             sql, params = "SELECT owner, n FROM job_versions", ()
         else:
             sql = f"SELECT owner, n FROM job_versions WHERE owner IN ('', {', '.join([self._marker] * len(owners))})"
-            params = owners
-        connection = self.engine.raw_connection()
-        try:
-            driver = connection.driver_connection
-            if self._postgres:
-                driver.autocommit = True  # as SQLAlchemy's own pre-ping does; restored below
-            try:
-                cursor = driver.cursor()
-                try:
-                    cursor.execute(sql, params)
-                    counters = dict(cursor.fetchall())
-                finally:
-                    cursor.close()
-            finally:
-                if self._postgres:
-                    driver.autocommit = False
-        finally:
-            connection.close()
+            params = tuple(owners)
+        with self._reads.connect() as connection:
+            counters = dict(connection.exec_driver_sql(sql, params).all())
         queue = counters.get("", 0)
         stamps = {owner: counters.get(owner, 0) + queue for owner in owners}
         if None in scopes:

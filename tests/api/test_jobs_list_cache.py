@@ -245,3 +245,22 @@ def test_job_versions_move_on_what_a_page_shows_and_only_that(settings):
         assert moved(update(Job).where(Job.id == "j2").values(owner="c", state="queued")) == {"b", "c", ""}
     finally:
         engine.dispose()
+
+
+def test_a_database_that_does_not_answer_is_a_503_not_a_500():
+    """The stamp read fails as any other read does: with SQLAlchemy's error, which the API answers
+    as 503 naming the database (api.main's handler, loraq.errors.unavailable_store)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from loraq.errors import unavailable_store
+
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 2})
+    cache = service.PageCache(engine)
+    try:
+        with pytest.raises(OperationalError) as raised:
+            asyncio.run(cache.stamp(Principal(owner="alice", admin=False, key_id="")))
+    finally:
+        engine.dispose()
+    assert unavailable_store(raised.value) == "database"
+    assert cache._reader is None and cache._next is None  # the next request reads again
