@@ -505,7 +505,7 @@ class PageCache:
 
     Stamps are read for many requests at once: a request waits for the next read that starts
     after it arrived (one runs at a time, in a worker thread, for every owner waiting), which under
-    load serves tens of requests with one statement and one thread hand-off.
+    the benchmark's load serves about 20 requests with one statement and one thread hand-off.
 
     One per API process (on the app's state), bounded by pages and bytes, least recently used
     first out; it runs on the event loop (no locks) but for the reads and page builds, in worker
@@ -563,8 +563,8 @@ class PageCache:
         """{owner: the sum of their row and the queue's; None: the sum of all}, in one statement:
         SQL text through SQLAlchemy's connection (no statement to compile), in autocommit on
         PostgreSQL (one round trip, where a transaction adds a BEGIN and a ROLLBACK). A raw DBAPI
-        cursor from the pool cost less (24 against 43 us of CPU on SQLite, 109 against 192 us on
-        PostgreSQL), but a read is shared by many requests under load, and the connection turns
+        cursor from the pool cost less (about 24 against 43 us of CPU on SQLite, 110 against 190 us
+        on PostgreSQL), but a read is shared by many requests under load, and the connection turns
         an outage into SQLAlchemy's errors (a 503) and drops a broken connection from the pool."""
         owners = sorted(scope for scope in scopes if scope is not None)
         if None in scopes:
