@@ -26,7 +26,7 @@ DEMO_MODEL    := var/models/tiny-sd
 DEMO_DATA     := var/datasets/sample
 DEMO_OUT      := var/runs/demo
 
-.PHONY: setup run worker demo test bench clean services chromium
+.PHONY: setup run worker demo test bench clean services chromium wrk
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -98,7 +98,13 @@ chromium:
 test: setup services chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup services
+# wrk drives the API load benchmark (without it bench.service falls back to an httpx client that
+# spends more CPU than the server it measures, and says so).
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends wrk; }
+
+bench: setup services wrk
 	$(PY) -m bench.trainer
 	$(PY) -m bench.flow
 	$(PY) -m bench.service
