@@ -5,11 +5,7 @@ one, on the tiny models of every family."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +26,7 @@ from trainer.families.sdxl import SDXLFamily
 from trainer.loop import setup, train
 from trainer.model import KOHYA_WEIGHTS_NAME
 from trainer.sample_data import write_sample_dataset
+from support.torchrun import train_two_processes
 
 # (width, height) of the mixed dataset's images and, at resolution 64 with steps of 16 (buckets
 # 32..128), the bucket each takes by nearest aspect ratio (worked out by hand from the bucket set
@@ -60,7 +57,6 @@ def small_data(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("small") / "data", SMALL)
 
 
-ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"sd": "tiny_model", "sdxl": "tiny_sdxl", "flux": "tiny_flux_model", "sd3": "tiny_sd3_model"}
 
 
@@ -308,17 +304,8 @@ def test_resumed_bucketed_run_equals_an_uninterrupted_one(family, mixed_data, tm
 def test_two_processes_train_bucketed_batches(tiny_model, mixed_data, tmp_path):
     """Each rank gets whole single-bucket batches (4 an epoch, 2 per rank): every step once, to the end."""
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer", "train",
-        "--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(mixed_data),
-        "--output_dir", str(out), "--max_train_steps", "3", "--resolution", "64", "--train_batch_size", "2",
-        "--seed", "0", "--checkpointing_steps", "2", "--no-progress", "--device", "cpu", "--random_flip",
-        "--enable_bucket", "--bucket_reso_steps", "16",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    events = train_two_processes(tiny_model, mixed_data, out, "--random_flip", "--enable_bucket",
+                                 "--bucket_reso_steps", "16", resolution=64)
     assert events[0]["type"] == "start" and sum(b["images"] for b in events[0]["data"]["buckets"]) == len(MIXED)
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["type"] == "done" and (out / "checkpoint-2").is_dir()

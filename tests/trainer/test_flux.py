@@ -6,10 +6,6 @@ same seed, cache on = off, freed text encoders, resume, two processes, and the L
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -26,8 +22,8 @@ from trainer.config import ConfigError, load_config
 from support.resume import assert_resume_matches
 from trainer.loop import draw_inputs, optimize, setup, train
 from trainer.sample_data import write_sample_dataset
+from support.torchrun import train_two_processes
 
-ROOT = Path(__file__).resolve().parents[2]
 SCHEMES = ["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 
 
@@ -229,17 +225,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_flux_model, square
 def test_two_processes_report_each_step_once(tiny_flux_model, tmp_path):
     data = write_sample_dataset(tmp_path / "data", n_images=8, size=32)
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer", "train",
-        "--pretrained_model_name_or_path", str(tiny_flux_model), "--train_data_dir", str(data),
-        "--output_dir", str(out), "--max_train_steps", "3", "--resolution", "32", "--train_batch_size", "2",
-        "--seed", "0", "--checkpointing_steps", "2", "--no-progress", "--device", "cpu",
-        "--max_sequence_length", "16",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    events = train_two_processes(tiny_flux_model, data, out, "--max_sequence_length", "16")
     assert events[0]["type"] == "start" and events[0]["data"]["total_batch_size"] == 4
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["type"] == "done"

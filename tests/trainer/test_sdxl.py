@@ -24,6 +24,7 @@ from trainer.events import Event
 from trainer.loop import draw_inputs, setup, train
 from trainer.model import ModelLoadError
 from trainer.sample_data import write_sample_dataset
+from support.torchrun import train_two_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -260,16 +261,7 @@ def test_unsupported_pipelines_and_random_files_are_named(square_data, tmp_path)
 def test_two_processes_report_each_step_once(tiny_sdxl, tmp_path):
     data = write_sample_dataset(tmp_path / "data", n_images=8, size=32)
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer", "train",
-        "--pretrained_model_name_or_path", str(tiny_sdxl), "--train_data_dir", str(data),
-        "--output_dir", str(out), "--max_train_steps", "3", "--resolution", "32", "--train_batch_size", "2",
-        "--seed", "0", "--checkpointing_steps", "2", "--no-progress", "--device", "cpu", "--train_text_encoder",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    events = train_two_processes(tiny_sdxl, data, out, "--train_text_encoder")
     assert events[0]["type"] == "start" and events[0]["data"]["total_batch_size"] == 4
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["type"] == "done"
