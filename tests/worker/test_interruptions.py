@@ -102,11 +102,14 @@ def test_attempt_past_its_time_limit_is_stopped_and_failed(settings, make_job, s
 
 
 def test_canceled_job_resumes_from_its_checkpoint_as_attempt_2(settings, make_job, store, child_pids):
-    job_id = make_job(30, checkpointing_steps=5)
+    # Far more steps than the 6 waited for: under load the worker records events well behind the
+    # child, and a child that reaches its last step before the SIGSTOP ends the job as succeeded.
+    steps = 120
+    job_id = make_job(steps, checkpointing_steps=5)
     first = Attempt(settings, job_id)
     first.start()
     store.wait_for_steps(job_id, 6)  # step 6 is reported after checkpoint-5 is on disk
-    os.kill(child_pids()[0], signal.SIGSTOP)  # hold it here, well before step 30, until the cancel
+    os.kill(child_pids()[0], signal.SIGSTOP)  # hold it here, well before its last step, until the cancel
     request_cancel(store, job_id)
     first.join(10)
     assert first.outcome == Outcome.canceled
@@ -115,8 +118,8 @@ def test_canceled_job_resumes_from_its_checkpoint_as_attempt_2(settings, make_jo
     assert run_job(settings, job_id, 2) == Outcome.succeeded
 
     job = store.job(job_id)
-    assert (job.state, job.attempt, job.step, job.total_steps) == ("succeeded", 2, 30, 30)
-    assert store.metric_steps(job_id) == list(range(1, 31))
+    assert (job.state, job.attempt, job.step, job.total_steps) == ("succeeded", 2, steps, steps)
+    assert store.metric_steps(job_id) == list(range(1, steps + 1))
     recorded = store.events(job_id)
     resumed_at = [e.data["step"] for e in recorded if e.type == events.LOG]
     assert resumed_at[0] == 0 and resumed_at[1] >= 5 and resumed_at[1] % 5 == 0
@@ -124,7 +127,7 @@ def test_canceled_job_resumes_from_its_checkpoint_as_attempt_2(settings, make_jo
         "running", "canceling", "canceled", "queued", "running", "succeeded"]
     # Attempt 2 picked up attempt 1's checkpoint instead of training those steps again.
     attempt_2 = storage.attempt_dir(settings, job_id, 2)
-    assert not (attempt_2 / "checkpoint-5").exists() and (attempt_2 / "checkpoint-30").is_dir()
+    assert not (attempt_2 / "checkpoint-5").exists() and (attempt_2 / f"checkpoint-{steps}").is_dir()
     artifacts = store.artifacts(job_id)
     assert attempt_2 in Path(artifacts["pytorch_lora_weights.safetensors"].path).parents
     assert {"logs/attempt-1.log", "logs/attempt-2.log"} <= set(artifacts)
