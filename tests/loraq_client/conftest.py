@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -39,6 +40,20 @@ def dataset_folder(tmp_path) -> Path:
     from trainer.sample_data import write_sample_dataset
 
     return write_sample_dataset(tmp_path / "data", n_images=4, size=32)
+
+
+@pytest.fixture
+def batch_spec(dataset_folder, tmp_path):
+    """write(name, body) -> a batch YAML file on tiny-sd beside a copy of the photos (`dataset: ./photos`)."""
+    folder = tmp_path / "batch"
+    shutil.copytree(dataset_folder, folder / "photos")
+
+    def write(name: str, body: str) -> Path:
+        spec = folder / name
+        spec.write_text("base_model: tiny-sd\ndataset: ./photos\n" + body)
+        return spec
+
+    return write
 
 
 @pytest.fixture

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 
-def test_grid_batch_dry_run_submit_and_rerun(service, loraq, dataset_folder, tmp_path):
-    shutil.copytree(dataset_folder, tmp_path / "batch" / "photos")
-    spec = tmp_path / "batch" / "sweep.yaml"
-    spec.write_text(
-        "base_model: tiny-sd\n"
-        "dataset: ./photos\n"
+def test_grid_batch_dry_run_submit_and_rerun(service, loraq, batch_spec):
+    spec = batch_spec(
+        "sweep.yaml",
         "name: sweep\n"
         "options: {resolution: 32, train_batch_size: 2, max_train_steps: 2, seed: 0, checkpointing_steps: 100000}\n"
         "grid:\n"

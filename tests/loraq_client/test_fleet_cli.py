@@ -7,7 +7,6 @@ queue (loraq.queue.job_queue) and nothing trains: the test reads what the server
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -81,12 +80,9 @@ def test_client_keyword_arguments(service, dataset_folder):
             client.create_job(dataset.id, "tiny-sd", options, gpus=2)  # a typo is not silently dropped
 
 
-def test_batch_fields_top_level_and_per_job(service, loraq, dataset_folder, tmp_path):
-    shutil.copytree(dataset_folder, tmp_path / "batch" / "photos")
-    spec = tmp_path / "batch" / "fleet.yaml"
-    spec.write_text(
-        "base_model: tiny-sd\n"
-        "dataset: ./photos\n"
+def test_batch_fields_top_level_and_per_job(service, loraq, batch_spec):
+    spec = batch_spec(
+        "fleet.yaml",
         "options: {resolution: 32, train_batch_size: 2, max_train_steps: 2, seed: 0}\n"
         "gpu_class: a100-80gb\n"
         "priority: 5\n"
