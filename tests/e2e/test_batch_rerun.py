@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import zipfile
 
 import httpx
@@ -16,16 +15,10 @@ from api.services.quotas import storage_used
 from loraq.db import make_engine, make_session_factory
 from loraq.models import Dataset
 from loraq_client.fingerprint import dataset_fingerprint
-from support.service import ROOT
+from support.service import loraq
 
 TINY = ["--base-model", "tiny-sd", "--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]
-
-
-def loraq(service, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {**service.env, "LORAQ_URL": service.url, "LORAQ_API_KEY": service.api_key, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "loraq_client.cli", *args], env=env, cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=300)
 
 
 def curl_upload(service, files, query: str = "", key: str | None = None) -> dict:

@@ -171,3 +171,10 @@ def read_sse(client: httpx.Client, path: str, timeout: float = 180) -> list[dict
                 key, _, value = line.partition(":")
                 current[key] = value.lstrip(" ")
     return events
+
+
+def loraq(service, *args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real `loraq` command against `service`, as a user runs it (its URL and admin key)."""
+    env = {**service.env, "LORAQ_URL": service.url, "LORAQ_API_KEY": service.api_key, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "loraq_client.cli", *args], env=env, cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)

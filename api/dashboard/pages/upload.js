@@ -41,7 +41,12 @@ export function uploadBox(onUploaded) {
           : 'Uploaded; the server is checking every image…';
       });
       bar.set(1, 1, '100%');
-      status.textContent = `Dataset “${dataset.name}” is ready.`;
+      // 200 with reused: the server already held these exact files for this owner and answered
+      // with that dataset; say so, or the user looks for a second copy that was never stored.
+      status.textContent = dataset.reused
+        ? `You already have these files: dataset “${dataset.name}” (uploaded ${fmt.age(dataset.created_at)}) is reused; nothing new was stored.`
+        : `Dataset “${dataset.name}” is ready.`;
+      status.dataset.reused = String(Boolean(dataset.reused));
       replace(result, reportSummary(dataset.report));
       name.value = '';
       onUploaded(dataset);
