@@ -229,6 +229,12 @@ class CommonConfig(BaseModel):
         return values
 
     @property
+    def text_encoder_learning_rate(self) -> float:
+        """The text encoders' learning rate with train_text_encoder: the UNet's (the SD and SDXL
+        scripts train both at one rate)."""
+        return self.learning_rate
+
+    @property
     def effective_lora_alpha(self) -> float:
         """The script sets lora_alpha = rank; a separate alpha is an opt-in."""
         return float(self.rank) if self.lora_alpha is None else self.lora_alpha
@@ -283,6 +289,11 @@ class FlowMatchingConfig(CommonConfig):
     lora_layers: list[str] | None = None
     # The caption of images that have none (DreamBooth style); captioned images keep their own.
     instance_prompt: str | None = None
+    # With train_text_encoder (LoRA on the CLIP encoders; T5 stays frozen, as in the scripts): the
+    # CLIP adapters' own learning rate and AdamW/Prodigy weight decay, the scripts' defaults.
+    # Prodigy runs them at learning_rate, as the scripts do (it estimates its own step size).
+    text_encoder_lr: float = Field(default=5e-6, gt=0)
+    adam_weight_decay_text_encoder: float = Field(default=1e-3, ge=0)
     # Not options here; hidden from the form and refused by name when given.
     snr_gamma: SkipJsonSchema[None] = Field(default=None, exclude=True)
     noise_offset: SkipJsonSchema[float] = Field(default=0.0, exclude=True)
@@ -296,12 +307,17 @@ class FlowMatchingConfig(CommonConfig):
             for name, why in _NOT_FLOW_MATCHING.items():
                 if name in values and values[name] not in (None, 0, 0.0):
                     raise ValueError(f"{name} is not an option of the {family} family: {why}")
-            if values.get("train_text_encoder"):
-                raise ValueError(f"train_text_encoder: not supported for the {family} family yet "
-                                 "(the transformer alone is trained)")
+            if not values.get("train_text_encoder"):
+                for name in ("text_encoder_lr", "adam_weight_decay_text_encoder"):
+                    if name in values and values[name] != cls.model_fields[name].default:
+                        raise ValueError(f"{name}: an option of train_text_encoder, which is off")
             if values.get("instance_prompt") and "missing_captions" not in values:
                 values = {**values, "missing_captions": "empty"}
         return values
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.learning_rate if self.optimizer == "prodigy" else self.text_encoder_lr
 
     @field_validator("weighting_scheme", mode="before")
     @classmethod

@@ -156,7 +156,8 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
     learning_rate = config.learning_rate
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = optimizers.build_optimizer(config, lora_parameters, learning_rate, accelerator.device)
+    optimizer = optimizers.build_optimizer(config, family.parameter_groups(config, trainable, learning_rate),
+                                           learning_rate, accelerator.device)
 
     dataset, cached, num_examples = _build_dataset(
         config, family, data_folder or Path(config.train_data_dir), components, accelerator.device
@@ -185,8 +186,7 @@ def setup(config: CommonConfig, data_folder: Path | None = None) -> Run:
 
     return Run(
         config=config, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
-        # Training calls the prepared models (DDP must see their forward passes to sync gradients).
-        components=dataclasses.replace(components, **models), models=models,
+        components=family.prepared(components, models), models=models,
         lora_parameters=lora_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
         dataloader=dataloader, sampler=sampler, num_examples=num_examples, cached=cached,
         max_train_steps=max_train_steps, num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),

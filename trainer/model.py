@@ -86,6 +86,19 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str,
     """Write the same LoRA in kohya's key format, which AUTOMATIC1111 and ComfyUI load: `lora_unet_`,
     `lora_te1_` (text_encoder) and `lora_te2_` (text_encoder_2) keys with an `.alpha` each.
     `rename` maps a model's adapter keys first (SDXL's UNet: to the original block names)."""
+    kohya = kohya_state_dict(lora_alpha, models, rename)
+    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
+    with atomic_file(path) as partial:
+        save_file(kohya, str(partial),
+                  metadata={**(training_metadata.for_file(output_dir) if metadata is None else metadata),
+                            "ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
+    return path
+
+
+def kohya_state_dict(lora_alpha: float, models: dict[str, torch.nn.Module],
+                     rename: dict[str, Callable[[str], str]] | None = None) -> dict[str, torch.Tensor]:
+    """The models' adapters under kohya's names (`lora_unet_`, `lora_te1_`, `lora_te2_`), each
+    with its `.alpha`, on the CPU."""
     rename = rename or {}
     prefixed = {f"{name}.{rename.get(name, _text_model_key if name != 'unet' else str)(key)}": value
                 for name, state in lora_state_dicts(models).items() for key, value in state.items()}
@@ -94,12 +107,7 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str,
     for key in kohya:
         if key.endswith(".alpha"):
             kohya[key] = torch.tensor(float(lora_alpha))
-    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
-    with atomic_file(path) as partial:
-        save_file({k: v.detach().contiguous().cpu() for k, v in kohya.items()}, str(partial),
-                  metadata={**(training_metadata.for_file(output_dir) if metadata is None else metadata),
-                            "ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
-    return path
+    return {k: v.detach().contiguous().cpu() for k, v in kohya.items()}
 
 
 def _text_model_key(key: str) -> str:

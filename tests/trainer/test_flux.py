@@ -17,7 +17,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer import loop
+from trainer import loop, metadata
 from trainer.config import ConfigError, load_config
 from support.resume import assert_resume_matches
 from trainer.loop import draw_inputs, optimize, setup, train
@@ -151,11 +151,17 @@ def test_misspelled_scheme_and_ddpm_options_are_refused_by_name():
         load_config({**base, "pretrained_vae_model_name_or_path": "v"}, "flux")
     with pytest.raises(ConfigError, match="guidance_scale is not an option of the sd family"):
         load_config({**base, "guidance_scale": 3.5}, "sd")
+    with pytest.raises(ConfigError, match="text_encoder_lr: an option of train_text_encoder, which is off"):
+        load_config({**base, "text_encoder_lr": 1e-4}, "flux")
+    with pytest.raises(ConfigError, match="adam_weight_decay_text_encoder: an option of the adamw"):
+        load_config({**base, "train_text_encoder": True, "optimizer": "adafactor",
+                     "adam_weight_decay_text_encoder": 0.1}, "flux")
     config = load_config({**base, "lora_layers": "attn.to_q, attn.to_v"}, "flux")
     assert config.lora_layers == ["attn.to_q", "attn.to_v"]
     # The script's defaults.
     assert (config.lr_warmup_steps, config.adam_weight_decay, config.max_grad_norm, config.guidance_scale,
             config.max_sequence_length, config.weighting_scheme, config.mode_scale) == (500, 1e-4, 1.0, 3.5, 512, "none", 1.29)
+    assert (config.text_encoder_lr, config.adam_weight_decay_text_encoder) == (5e-6, 1e-3)
     # The script's lora_alpha is 4 at any rank; `--weighting_scheme none` arrives as a null.
     assert load_config({**base, "rank": 8}, "flux").effective_lora_alpha == 4.0
     assert load_config({**base, "weighting_scheme": None}, "flux").weighting_scheme == "none"
@@ -216,20 +222,26 @@ def test_text_encoders_are_freed_when_captions_are_fixed(tiny_flux_model, square
     assert np.isfinite(loss)
 
 
-def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_flux_model, square_data, tmp_path):
-    common = dict(max_train_steps=5, checkpointing_steps=3, random_flip=True, weighting_scheme="mode")
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_resumed_run_ends_with_the_uninterrupted_weights(train_text_encoder, tiny_flux_model, square_data, tmp_path):
+    common = dict(max_train_steps=5, checkpointing_steps=3, random_flip=True, weighting_scheme="mode",
+                  train_text_encoder=train_text_encoder, text_encoder_lr=1e-2 if train_text_encoder else 5e-6)
     assert_resume_matches(lambda out, **extra: flux_config(tiny_flux_model, square_data, out, **common, **extra),
                           tmp_path, crash_step=4, checkpoint_step=3)
 
 
-def test_two_processes_report_each_step_once(tiny_flux_model, tmp_path):
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_two_processes_report_each_step_once(train_text_encoder, tiny_flux_model, tmp_path):
     data = write_sample_dataset(tmp_path / "data", n_images=8, size=32)
     out = tmp_path / "out"
-    events = train_two_processes(tiny_flux_model, data, out, "--max_sequence_length", "16")
+    extra = ["--train_text_encoder", "--text_encoder_lr", "0.01"] if train_text_encoder else []
+    events = train_two_processes(tiny_flux_model, data, out, "--max_sequence_length", "16", *extra)
     assert events[0]["type"] == "start" and events[0]["data"]["total_batch_size"] == 4
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["type"] == "done"
-    assert all(k.startswith("transformer.") for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    # With train_text_encoder the CLIP encoder is DDP-wrapped beside the transformer, and saved.
+    prefixes = {k.split(".", 1)[0] for k in load_file(str(out / "pytorch_lora_weights.safetensors"))}
+    assert prefixes == ({"transformer", "text_encoder"} if train_text_encoder else {"transformer"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,3 +323,67 @@ def test_lora_loads_into_flux_pipeline_and_the_comfyui_file_gives_the_same_image
     attention = torch.cat([delta(f"single_transformer_blocks.1.attn.to_{x}") for x in "qkv"])
     torch.testing.assert_close(linear1[: attention.shape[0]], attention)
     assert not linear1[attention.shape[0]:].any()  # the MLP-in part has no LoRA by default
+
+
+# ComfyUI's key map for Flux's CLIP-L (comfy/lora.py, model_lora_keys_clip): each
+# `text_model.encoder.layers.<i>.self_attn.<q|k|v|out>_proj` as `lora_te1_<path, dots as underscores>`.
+def comfy_clip_names(num_layers: int) -> set[str]:
+    return {f"lora_te1_text_model_encoder_layers_{i}_self_attn_{m}_proj" for i in range(num_layers)
+            for m in ("q", "k", "v", "out")}
+
+
+def test_train_text_encoder_trains_clip_at_its_own_rate_and_leaves_t5(tiny_flux_model, square_data, tmp_path):
+    options = dict(train_text_encoder=True, learning_rate=1e-3, text_encoder_lr=1e-2, max_train_steps=3, rank=2,
+                   lora_alpha=4, validation_prompt="a red circle", num_validation_images=1, validation_inference_steps=2)
+    run = setup(flux_config(tiny_flux_model, square_data, tmp_path / "setup", **options))
+    # The script's groups: the transformer at learning_rate, CLIP at text_encoder_lr with its own decay.
+    groups = run.optimizer.param_groups
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        (1e-3, 1e-4, sum(1 for p in run.unet.parameters() if p.requires_grad)),
+        (1e-2, 1e-3, sum(1 for p in run.components.text_encoder.parameters() if p.requires_grad))]
+    assert not any(p.requires_grad for p in run.components.text_encoder_2.parameters()), "T5 stays frozen"
+    prodigy = setup(flux_config(tiny_flux_model, square_data, tmp_path / "prodigy", optimizer="prodigy",
+                                **{**options, "learning_rate": 1.0}))
+    assert [g["lr"] for g in prodigy.optimizer.param_groups] == [1.0, 1.0], "Prodigy: one rate, as the script"
+
+    events = []
+    config = flux_config(tiny_flux_model, square_data, tmp_path / "out", **options)
+    with metadata.recording(config) as recorder:
+        result = train(config, lambda event: (events.append(event), recorder(event)))
+    start = next(e for e in events if e.type == "start")
+    assert start.data["text_cache"] is False, "a trained text encoder's conditioning changes every step"
+    assert "final-step-000003-0.png" in result.validation_images[-1]
+    weights = load_file(str(result.lora_path))
+    clip_keys = [k for k in weights if k.startswith("text_encoder.")]
+    assert clip_keys and all(k.startswith(("transformer.", "text_encoder.")) for k in weights)
+    assert any(weights[k].abs().max() > 0 for k in clip_keys if ".lora_B." in k), "CLIP's adapters trained"
+    with safe_open(str(result.lora_path), "pt") as handle:
+        assert handle.metadata()["ss_text_encoder_lr"] == "0.01"
+
+    # The file loads whole into FluxPipeline: CLIP's adapters too, and they change the image.
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_model)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=32,
+                        width=32, max_sequence_length=16, output_type="np").images
+
+    pipeline.load_lora_weights(str(result.lora_path.parent))
+    loaded = {n for n, _ in pipeline.text_encoder.named_parameters() if ".lora_A." in n}
+    assert len(loaded) == len([k for k in clip_keys if ".lora_A." in k])
+    both = render()
+    pipeline.unload_lora_weights()
+    pipeline.load_lora_weights({k: v for k, v in weights.items() if k.startswith("transformer.")})
+    assert abs(render() - both).max() > 1e-4, "the CLIP adapters change the image"
+
+    # The ComfyUI file names CLIP-L's adapters as ComfyUI maps them, with the same update.
+    kohya = load_file(str(result.lora_path.parent / "lora_kohya.safetensors"))
+    clip_names = comfy_clip_names(pipeline.text_encoder.config.num_hidden_layers)
+    te1 = {key.split(".", 1)[0] for key in kohya if key.startswith("lora_te1_")}
+    assert te1 == clip_names
+    down = kohya["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"]
+    up = kohya["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
+    alpha = kohya["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"]
+    a, b = (weights[f"text_encoder.{k}" if f"text_encoder.{k}" in weights else f"text_encoder.text_model.{k}"]
+            for k in ("encoder.layers.0.self_attn.q_proj.lora_A.weight", "encoder.layers.0.self_attn.q_proj.lora_B.weight"))
+    torch.testing.assert_close(alpha / down.shape[0] * up @ down, 2.0 * b @ a)

@@ -137,8 +137,9 @@ def test_same_seed_same_losses_cache_on_equals_off_and_text_encoders_freed(tiny_
     assert np.isfinite(optimize(run, *draw_inputs(run, next(iter(run.dataloader))))[0])
 
 
-def test_resumed_run_ends_with_the_uninterrupted_weights(tiny_sd3_model, square_data, tmp_path):
-    common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True)
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_resumed_run_ends_with_the_uninterrupted_weights(train_text_encoder, tiny_sd3_model, square_data, tmp_path):
+    common = dict(max_train_steps=4, checkpointing_steps=2, random_flip=True, train_text_encoder=train_text_encoder)
     assert_resume_matches(lambda out, **extra: sd3_config(tiny_sd3_model, square_data, out, **common, **extra),
                           tmp_path, crash_step=3, checkpoint_step=2)
 
@@ -168,3 +169,26 @@ def test_lora_loads_into_the_sd3_pipeline_and_changes_the_output(tiny_sd3_model,
     assert abs(after - before).max() > 1e-3
     pipeline.unload_lora_weights()
     np.testing.assert_allclose(render(), before, atol=1e-6)
+
+
+def test_train_text_encoder_trains_both_clips_and_the_file_loads(tiny_sd3_model, square_data, tmp_path):
+    options = dict(train_text_encoder=True, text_encoder_lr=1e-2, learning_rate=1e-3)
+    run = setup(sd3_config(tiny_sd3_model, square_data, tmp_path / "setup", **options))
+    encoders = run.family.text_encoders(run.components)
+    assert [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups] == [(1e-3, 1e-4), (1e-2, 1e-3), (1e-2, 1e-3)]
+    assert not any(p.requires_grad for p in encoders["text_encoder_3"].parameters()), "T5 stays frozen"
+
+    result = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "out", **options))
+    weights = load_file(str(result.lora_path))
+    assert {k.split(".", 1)[0] for k in weights} == {"transformer", "text_encoder", "text_encoder_2"}
+    for prefix in ("text_encoder.", "text_encoder_2."):
+        assert any(weights[k].abs().max() > 0 for k in weights if k.startswith(prefix) and ".lora_B." in k), prefix
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    for name in ("text_encoder", "text_encoder_2"):
+        loaded = {n for n, _ in getattr(pipeline, name).named_parameters() if ".lora_A." in n}
+        assert len(loaded) == len([k for k in weights if k.startswith(name + ".") and ".lora_A." in k]), name
+    kohya = load_file(str(tmp_path / "out" / "lora_kohya.safetensors"))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)

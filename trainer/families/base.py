@@ -10,6 +10,7 @@ registered in `trainer.families.FAMILIES`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -103,6 +104,17 @@ class Family:
                 encoder.add_adapter(lora_config(config, self.text_encoder_target_modules))
                 trainable[name] = encoder
         return trainable
+
+    def parameter_groups(self, config: CommonConfig, trainable: dict[str, torch.nn.Module],
+                         learning_rate: float) -> list:
+        """What the optimizer steps: every LoRA weight at one learning rate (the SD and SDXL
+        scripts), or param groups with their own rates (Flux/SD3 text encoders)."""
+        return [p for model in trainable.values() for p in model.parameters() if p.requires_grad]
+
+    def prepared(self, components: Components, models: dict[str, torch.nn.Module]) -> Components:
+        """The components as training calls them: the trainable ones replaced by the models
+        accelerate prepared (DDP must see their forward passes to sync gradients)."""
+        return dataclasses.replace(components, **models)
 
     def enable_gradient_checkpointing(self, trainable: dict[str, torch.nn.Module]) -> None:
         for name, model in trainable.items():

@@ -40,7 +40,7 @@ from trainer.families.sdxl import SDXLDataset, SDXLImageTransform
 from trainer.flow_matching import FlowMatchingObjective
 from trainer import metadata as training_metadata
 from trainer.checkpoints import atomic_file
-from trainer.model import KOHYA_WEIGHTS_NAME, ModelLoadError, lora_config, save_lora
+from trainer.model import KOHYA_WEIGHTS_NAME, ModelLoadError, kohya_state_dict, lora_config, save_lora
 
 # The script's default LoRA targets (attention and feed-forward of the double-stream blocks; the
 # single-stream blocks' attention shares the names to_q/to_k/to_v).
@@ -81,6 +81,12 @@ class FlowComponents(Components):
         return self.encoders.get("text_encoder_3")
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """A model's dtype, through accelerate's DDP wrapper (a trained text encoder under several
+    processes), which has no `dtype` of its own."""
+    return getattr(model, "module", model).dtype
+
+
 class FlowFamily(Family):
     """What Flux and SD3 share: loading, flow matching, text-encoder release, files."""
 
@@ -88,6 +94,8 @@ class FlowFamily(Family):
     # (component name, class) of each tokenizer and text encoder, in the pipeline's order.
     tokenizer_classes: tuple[tuple[str, type], ...]
     text_encoder_classes: tuple[tuple[str, type], ...]
+    # The encoders train_text_encoder puts LoRA on (the CLIPs; T5 stays frozen in the scripts).
+    trained_text_encoders: tuple[str, ...]
     target_modules: list[str]
 
     @property
@@ -122,8 +130,34 @@ class FlowFamily(Family):
         return {"transformer": components.unet, **self.text_encoders(components), "vae": components.vae}
 
     def add_adapters(self, components: FlowComponents, config) -> dict[str, torch.nn.Module]:
+        """The transformer's adapter, then with train_text_encoder the CLIP encoders' (the
+        scripts' order of LoRA init draws); T5 is never trained."""
         components.unet.add_adapter(lora_config(config, self.lora_targets(config)))
-        return {"unet": components.unet}
+        trainable = {"unet": components.unet}
+        if config.train_text_encoder:
+            for name in self.trained_text_encoders:
+                components.encoders[name].add_adapter(lora_config(config, self.text_encoder_target_modules))
+                trainable[name] = components.encoders[name]
+        return trainable
+
+    def parameter_groups(self, config, trainable: dict[str, torch.nn.Module], learning_rate: float) -> list:
+        """The scripts' groups: the transformer at learning_rate, each CLIP encoder at
+        text_encoder_lr with its own weight decay (Prodigy: learning_rate, as the scripts)."""
+        groups = []
+        for name, model in trainable.items():
+            group = {"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate}
+            if name != "unet":
+                group["lr"] = learning_rate if config.optimizer == "prodigy" else config.text_encoder_lr
+                if config.optimizer != "adafactor":  # adam_weight_decay_* are the Adam-style optimizers'
+                    group["weight_decay"] = config.adam_weight_decay_text_encoder
+            groups.append(group)
+        return groups
+
+    def prepared(self, components: FlowComponents, models: dict[str, torch.nn.Module]) -> FlowComponents:
+        # The text encoders live in the shared dict: every holder of the components (the
+        # validation loss too) calls the prepared, trained ones.
+        components.encoders.update({name: model for name, model in models.items() if name != "unet"})
+        return dataclasses.replace(components, unet=models["unet"])
 
     def lora_targets(self, config) -> list[str]:
         return list(config.lora_layers) if config.lora_layers else list(self.target_modules)
@@ -175,7 +209,8 @@ class FlowFamily(Family):
     # ---- files -------------------------------------------------------------------------------
 
     def save_lora(self, output_dir: str | Path, models: dict[str, torch.nn.Module]) -> Path:
-        return save_lora(output_dir, self.pipeline_class, {"transformer": models["unet"]}, peft_names=True)
+        named = {"transformer": models["unet"], **{name: model for name, model in models.items() if name != "unet"}}
+        return save_lora(output_dir, self.pipeline_class, named, peft_names=True)
 
 
 # diffusers' Flux modules -> (the original BFL module sd-scripts and ComfyUI name, the parts fused
@@ -249,6 +284,7 @@ class FluxFamily(FlowFamily):
     transformer_class = FluxTransformer2DModel
     tokenizer_classes = (("tokenizer", CLIPTokenizer), ("tokenizer_2", T5TokenizerFast))
     text_encoder_classes = (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel))
+    trained_text_encoders = ("text_encoder",)
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     target_modules = FLUX_TARGET_MODULES
 
@@ -263,8 +299,8 @@ class FluxFamily(FlowFamily):
         clip, t5 = components.text_encoder, components.text_encoder_2
         pooled = clip(batch[TOKEN_KEYS[0]], output_hidden_states=False).pooler_output
         prompt_embeds = t5(batch[TOKEN_KEYS[1]], output_hidden_states=False)[0]
-        return {"prompt_embeds": prompt_embeds.to(dtype=t5.dtype),
-                "pooled_prompt_embeds": pooled.to(dtype=clip.dtype)}
+        return {"prompt_embeds": prompt_embeds.to(dtype=model_dtype(t5)),
+                "pooled_prompt_embeds": pooled.to(dtype=model_dtype(clip))}
 
     def conditioning(self, components: FlowComponents, batch, config: FluxConfig, weight_dtype) -> Conditioning:
         conditioning = Conditioning(self.text_conditioning(components, batch))
@@ -297,6 +333,8 @@ class FluxFamily(FlowFamily):
         """The file ComfyUI and Forge load (sd-scripts' Flux naming, see kohya_flux_state_dict)."""
         path = Path(output_dir) / KOHYA_WEIGHTS_NAME
         tensors = kohya_flux_state_dict(models["unet"], lora_alpha)
+        if "text_encoder" in models:  # CLIP-L as sd-scripts names it for Flux: lora_te1_text_model_...
+            tensors.update(kohya_state_dict(lora_alpha, {"text_encoder": models["text_encoder"]}))
         header = {**training_metadata.for_file(output_dir), "ss_network_module": "networks.lora_flux",
                   "ss_network_alpha": str(lora_alpha)}
         with atomic_file(path) as partial:

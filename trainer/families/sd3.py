@@ -20,7 +20,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from trainer.config import SD3Config
 from trainer.families.base import Conditioning
-from trainer.families.flux import FlowComponents, FlowFamily
+from trainer.families.flux import FlowComponents, FlowFamily, model_dtype
 
 SD3_TARGET_MODULES = [
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -37,6 +37,7 @@ class SD3Family(FlowFamily):
                          ("tokenizer_3", T5TokenizerFast))
     text_encoder_classes = (("text_encoder", CLIPTextModelWithProjection),
                             ("text_encoder_2", CLIPTextModelWithProjection), ("text_encoder_3", T5EncoderModel))
+    trained_text_encoders = ("text_encoder", "text_encoder_2")
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     target_modules = SD3_TARGET_MODULES
 
@@ -58,9 +59,9 @@ class SD3Family(FlowFamily):
         for encoder, key in zip((components.text_encoder, components.text_encoder_2), TOKEN_KEYS):
             outputs = encoder(batch[key], output_hidden_states=True)
             pooled.append(outputs[0])
-            hidden.append(outputs.hidden_states[-2].to(dtype=encoder.dtype))
+            hidden.append(outputs.hidden_states[-2].to(dtype=model_dtype(encoder)))
         t5 = components.text_encoder_3
-        t5_embeds = t5(batch[TOKEN_KEYS[2]])[0].to(dtype=t5.dtype)
+        t5_embeds = t5(batch[TOKEN_KEYS[2]])[0].to(dtype=model_dtype(t5))
         clip_embeds = torch.cat(hidden, dim=-1)
         clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
         return {"prompt_embeds": torch.cat([clip_embeds, t5_embeds], dim=-2),
