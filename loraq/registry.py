@@ -104,8 +104,8 @@ def config_folder(config: str | None, family: str, source: str) -> str:
     if info.single_file:
         raise UnsupportedModel(f"config {config}: a config must be a pipeline folder or hub id, not a file")
     if info.family != family:
-        raise UnsupportedModel(f"config {config}: it is an {info.family} pipeline, but {source} is an "
-                               f"{family} checkpoint")
+        raise UnsupportedModel(f"config {config}: it is a pipeline of the {info.family} family, but {source} "
+                               f"is a checkpoint of the {family} family")
     return info.path
 
 

@@ -52,8 +52,9 @@ SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner has b
 # model.diffusion_model. (ComfyUI's), as diffusers' single_file_utils recognises them. A Flux
 # file is usually the transformer alone; an SD3 file may carry its VAE and text encoders too.
 FLOW_SINGLE_FILE_BLOCKS = (("double_blocks.", "flux"), ("joint_blocks.", "sd3"))
-# The families whose loaders take a single file (with a config folder) today.
-SINGLE_FILE_FAMILIES = ("sd", "sdxl")
+# The families whose loaders take a single file (with a config folder): all of them (Flux and
+# SD3 take the file's transformer and the rest from the config folder, trainer/families/flux.py).
+SINGLE_FILE_FAMILIES = ("sd", "sdxl", "flux", "sd3")
 # How a refusal names a recognised family the trainer does not train.
 FAMILY_TITLES = {"flux": "FLUX", "sd3": "Stable Diffusion 3"}
 # Checkpoints of families we do not train, recognised by a key fragment so the refusal names them.

@@ -129,3 +129,126 @@ def write_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer_3=tokenizer_3)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Single-file checkpoints (BFL's Flux layout, Stability's SD3 MMDiT layout), for the single-file
+# tests: the inverse of diffusers' convert_flux/sd3_transformer_checkpoint_to_diffusers, so that
+# `from_single_file` reads back exactly the transformer written. Every tensor is kept exactly
+# (renamed or concatenated; the final norms' halves swapped back).
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' swap_scale_shift, which is its own inverse."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _fuse(state: dict[str, torch.Tensor], names: list[str], suffix: str) -> torch.Tensor:
+    return torch.cat([state[f"{name}.{suffix}"] for name in names], dim=0)
+
+
+def flux_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `FluxTransformer2DModel` state dict in BFL's layout (`double_blocks.0.img_attn.qkv.weight`, ...)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def move(original: str, name: str) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{name}.{suffix}" in state:
+                out[f"{original}.{suffix}"] = state[f"{name}.{suffix}"]
+
+    for original, name in (("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                           ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                           ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+                           ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+                           ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                           ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+                           ("txt_in", "context_embedder"), ("img_in", "x_embedder"),
+                           ("final_layer.linear", "proj_out")):
+        move(original, name)
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    for i in sorted(blocks):
+        b, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for original, name in (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+                               ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                               ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+                               ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out")):
+            move(f"{o}.{original}", f"{b}.{name}")
+        for suffix in ("weight", "bias"):
+            out[f"{o}.img_attn.qkv.{suffix}"] = _fuse(state, [f"{b}.attn.to_{x}" for x in "qkv"], suffix)
+            out[f"{o}.txt_attn.qkv.{suffix}"] = _fuse(state, [f"{b}.attn.add_{x}_proj" for x in "qkv"], suffix)
+        for original, name in (("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"),
+                               ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+                               ("txt_attn.norm.key_norm", "attn.norm_added_k")):
+            out[f"{o}.{original}.scale"] = state[f"{b}.{name}.weight"]
+    singles = {int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles):
+        b, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        move(f"{o}.modulation.lin", f"{b}.norm.linear")
+        move(f"{o}.linear2", f"{b}.proj_out")
+        for suffix in ("weight", "bias"):
+            out[f"{o}.linear1.{suffix}"] = _fuse(state, [*(f"{b}.attn.to_{x}" for x in "qkv"), f"{b}.proj_mlp"], suffix)
+        out[f"{o}.norm.query_norm.scale"] = state[f"{b}.attn.norm_q.weight"]
+        out[f"{o}.norm.key_norm.scale"] = state[f"{b}.attn.norm_k.weight"]
+    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(state["norm_out.linear.weight"])
+    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(state["norm_out.linear.bias"])
+    return out
+
+
+def sd3_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An `SD3Transformer2DModel` state dict in Stability's MMDiT layout (`joint_blocks.0.x_block.attn.qkv.weight`, ...)."""
+    out: dict[str, torch.Tensor] = {"pos_embed": state["pos_embed.pos_embed"]}
+
+    def move(original: str, name: str) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{name}.{suffix}" in state:
+                out[f"{original}.{suffix}"] = state[f"{name}.{suffix}"]
+
+    for original, name in (("x_embedder.proj", "pos_embed.proj"),
+                           ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+                           ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+                           ("context_embedder", "context_embedder"),
+                           ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+                           ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+                           ("final_layer.linear", "proj_out")):
+        move(original, name)
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        b, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        last = i == blocks[-1]  # context_pre_only: no context output projection or MLP
+        for suffix in ("weight", "bias"):
+            out[f"{x}.attn.qkv.{suffix}"] = _fuse(state, [f"{b}.attn.to_{q}" for q in "qkv"], suffix)
+            out[f"{c}.attn.qkv.{suffix}"] = _fuse(state, [f"{b}.attn.add_{q}_proj" for q in "qkv"], suffix)
+            if f"{b}.attn2.to_q.{suffix}" in state:
+                out[f"{x}.attn2.qkv.{suffix}"] = _fuse(state, [f"{b}.attn2.to_{q}" for q in "qkv"], suffix)
+            context_norm = state[f"{b}.norm1_context.linear.{suffix}"]
+            out[f"{c}.adaLN_modulation.1.{suffix}"] = _swap_halves(context_norm) if last else context_norm
+        for original, name in (("ln_q", "norm_q"), ("ln_k", "norm_k")):
+            move(f"{x}.attn.{original}", f"{b}.attn.{name}")
+            move(f"{c}.attn.{original}", f"{b}.attn.norm_added_{name[-1]}")
+            move(f"{x}.attn2.{original}", f"{b}.attn2.{name}")
+        for original, name in (("attn.proj", "attn.to_out.0"), ("attn2.proj", "attn2.to_out.0"),
+                               ("adaLN_modulation.1", "norm1.linear"), ("mlp.fc1", "ff.net.0.proj"),
+                               ("mlp.fc2", "ff.net.2")):
+            move(f"{x}.{original}", f"{b}.{name}")
+        if not last:
+            for original, name in (("attn.proj", "attn.to_add_out"), ("mlp.fc1", "ff_context.net.0.proj"),
+                                   ("mlp.fc2", "ff_context.net.2")):
+                move(f"{c}.{original}", f"{b}.{name}")
+    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(state["norm_out.linear.weight"])
+    out["final_layer.adaLN_modulation.1.bias"] = _swap_halves(state["norm_out.linear.bias"])
+    return out
+
+
+def write_flow_single_file(transformer: torch.nn.Module, out_file: str | Path) -> Path:
+    """A Flux or SD3 transformer as the single `.safetensors` file finetunes are shared as
+    (keys under `model.diffusion_model.`, as ComfyUI saves them)."""
+    from safetensors.torch import save_file
+
+    state = transformer.state_dict()
+    original = (flux_original_state_dict if isinstance(transformer, FluxTransformer2DModel)
+                else sd3_original_state_dict)(state)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"model.diffusion_model.{k}": v.detach().contiguous() for k, v in original.items()}, str(out_file))
+    return out_file

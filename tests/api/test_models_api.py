@@ -115,7 +115,7 @@ def test_admin_adds_a_single_file_with_its_family_config(client, tmp_path, sdxl_
     assert without_config.status_code == 422
     assert "needs its family's config folder" in without_config.json()["error"]["message"]
     assert wrong_config.status_code == 422
-    assert "it is an sdxl pipeline, but" in wrong_config.json()["error"]["message"]
+    assert "it is a pipeline of the sdxl family, but" in wrong_config.json()["error"]["message"]
     assert added.status_code == 201, added.text
     body = added.json()
     assert (body["name"], body["family"], body["kind"], body["config"]) == (

@@ -71,3 +71,23 @@ def test_what_is_no_base_model_is_refused_with_a_message(settings, tmp_path):
     assert unsupported.returncode == 1 and "PixArtSigmaPipeline is not a supported family (supported: sd, sdxl, flux, sd3)" in unsupported.stderr
     assert clash.returncode == 1 and "already exists" in clash.stderr
     assert rows(settings) == {}
+
+
+def test_flux_and_sd3_single_files_are_added_with_their_config_folder(settings, tmp_path):
+    flux = pipeline_folder(tmp_path / "flux-dev", "FluxPipeline")
+    sd3 = pipeline_folder(tmp_path / "sd35", "StableDiffusion3Pipeline")
+    flux_file = header_only_checkpoint(tmp_path / "flux-finetune.safetensors",
+                                       ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"])
+    sd3_file = header_only_checkpoint(tmp_path / "sd3-finetune.safetensors",
+                                      ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"])
+
+    added = admin(settings, "add", str(flux_file), "--config", str(flux))
+    wrong_config = admin(settings, "add", str(sd3_file), "--config", str(flux))
+    sd3_added = admin(settings, "add", str(sd3_file), "--config", str(sd3))
+
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == f"added flux-finetune: flux single_file (single file, config {flux.resolve()})"
+    assert wrong_config.returncode == 1 and "it is a pipeline of the flux family, but" in wrong_config.stderr
+    assert sd3_added.returncode == 0, sd3_added.stderr
+    assert {name: row.family for name, row in rows(settings).items() if name.endswith("finetune")} == {
+        "flux-finetune": "flux", "sd3-finetune": "sd3"}

@@ -47,7 +47,6 @@ def test_sd2_single_file(tmp_path):
 @pytest.mark.parametrize(("keys", "message"), [
     ([], "holds no tensors"),
     (["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "a LoRA adapter"),
-    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "a Stable Diffusion 3 single-file checkpoint"),
     (["first_stage_model.encoder.conv_in.weight"], "no UNet keys"),
     (["model.diffusion_model.x", "conditioner.embedders.0.model.text_projection", "first_stage_model.y"], "an SDXL refiner"),
     (["model.diffusion_model.x", "first_stage_model.y"], "no text encoder keys"),
@@ -127,6 +126,7 @@ def test_flux_and_sd3_are_recognised_and_reported_once_supported(tmp_path, monke
 
     # Registered, they are their families; their single files too once the family's loader takes them.
     monkeypatch.setattr(detect, "FAMILY_NAMES", ("sd", "sdxl", "flux", "sd3"))
+    monkeypatch.setattr(detect, "SINGLE_FILE_FAMILIES", ("sd", "sdxl"))
     assert inspect_model(flux) == detect.ModelInfo("flux", "folder", str(flux))
     assert detect_family(sd3) == "sd3"
     for family, paths in files.items():
@@ -134,7 +134,8 @@ def test_flux_and_sd3_are_recognised_and_reported_once_supported(tmp_path, monke
             with pytest.raises(UnsupportedModel, match=f"single-file checkpoint; the {family} family trains from a "
                                                        "diffusers pipeline folder"):
                 detect_family(path)
-    monkeypatch.setattr(detect, "SINGLE_FILE_FAMILIES", ("sd", "sdxl", "flux", "sd3"))
+    monkeypatch.undo()  # as shipped: every family takes single files
+    assert set(detect.SINGLE_FILE_FAMILIES) == set(detect.FAMILY_NAMES)
     for family, paths in files.items():
         for path in paths:
             assert inspect_model(path) == detect.ModelInfo(family, "single_file", str(path))

@@ -211,7 +211,7 @@ class Family:
         with torch.random.fork_rng(devices=[]):
             if is_single_file_name(source):
                 pipeline = self.pipeline_class.from_single_file(
-                    source, config=_config_dir(config), local_files_only=True, dtype=dtype,
+                    source, config=single_file_config_dir(config), local_files_only=True, dtype=dtype,
                     **self.pipeline_kwargs(), **models,
                 )
             else:
@@ -226,7 +226,7 @@ class Family:
         return {}
 
 
-def _config_dir(config: CommonConfig) -> str:
+def single_file_config_dir(config: CommonConfig) -> str:
     if not config.pretrained_config_dir:
         raise ModelLoadError(
             f"pretrained_config_dir: {config.pretrained_model_name_or_path} is a single-file checkpoint; "

@@ -35,12 +35,12 @@ from trainer import data
 from trainer.buckets import Buckets
 from trainer.config import FluxConfig
 from trainer.detect import is_single_file_name
-from trainer.families.base import Components, Conditioning, Family, load_error
+from trainer.families.base import Components, Conditioning, Family, load_error, single_file_config_dir
 from trainer.families.sdxl import SDXLDataset, SDXLImageTransform
 from trainer.flow_matching import FlowMatchingObjective
 from trainer import metadata as training_metadata
 from trainer.checkpoints import atomic_file
-from trainer.model import KOHYA_WEIGHTS_NAME, ModelLoadError, kohya_state_dict, lora_config, save_lora
+from trainer.model import KOHYA_WEIGHTS_NAME, kohya_state_dict, lora_config, save_lora
 
 # The script's default LoRA targets (attention and feed-forward of the double-stream blocks; the
 # single-stream blocks' attention shares the names to_q/to_k/to_v).
@@ -104,11 +104,13 @@ class FlowFamily(Family):
 
     def load(self, config) -> FlowComponents:
         source = config.pretrained_model_name_or_path
-        if is_single_file_name(source):
-            raise ModelLoadError(f"pretrained_model_name_or_path: single-file {self.name} checkpoints are not "
-                                 "supported yet; give a diffusers folder")
         common = {"revision": config.revision}
         weights = {"variant": config.variant, **common}
+        if is_single_file_name(source):
+            # A finetune shared as one file (BFL's / Stability's layout) is its transformer: the
+            # rest (VAE, text encoders, tokenizers, scheduler) comes from the family's diffusers
+            # folder, as kohya's --clip_l/--t5xxl/--ae files come beside a Flux checkpoint.
+            source, common, weights = single_file_config_dir(config), {}, {}
         try:
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common)
             tokenizers = {name: cls.from_pretrained(source, subfolder=name, **common)
@@ -116,11 +118,32 @@ class FlowFamily(Family):
             encoders = {name: cls.from_pretrained(source, subfolder=name, **weights)
                         for name, cls in self.text_encoder_classes}
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
-            transformer = self.transformer_class.from_pretrained(source, subfolder="transformer", **weights)
+            transformer = self.load_transformer(config)
         except (OSError, ValueError, EnvironmentError) as error:
             raise load_error(config, error) from None
         return FlowComponents(noise_scheduler=scheduler, vae=vae, unet=transformer, encoders=encoders,
                               tokenizers=tokenizers, max_sequence_length=config.max_sequence_length)
+
+    def load_transformer(self, config, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The base transformer: from the pipeline folder, or converted from a single file by
+        diffusers (its config from `pretrained_config_dir`, nothing downloaded)."""
+        source = config.pretrained_model_name_or_path
+        if is_single_file_name(source):
+            return self.transformer_class.from_single_file(
+                source, config=single_file_config_dir(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+        return self.transformer_class.from_pretrained(source, subfolder="transformer", revision=config.revision,
+                                                      variant=config.variant, torch_dtype=dtype)
+
+    def pipeline(self, config, dtype: torch.dtype, device, **models):
+        """The validation pipeline; for a single file, the config folder's pipeline around the
+        file's transformer (loaded again when not given: the final image is the base + the file)."""
+        if not is_single_file_name(config.pretrained_model_name_or_path):
+            return super().pipeline(config, dtype, device, **models)
+        with torch.random.fork_rng(devices=[]):
+            models.setdefault("transformer", self.load_transformer(config, dtype))
+            pipeline = self.pipeline_class.from_pretrained(single_file_config_dir(config), dtype=dtype, **models)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(device)
 
     def text_encoders(self, components: FlowComponents) -> dict[str, torch.nn.Module]:
         return {name: model for name, model in components.encoders.items() if model is not None}
