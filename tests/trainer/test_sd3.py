@@ -192,3 +192,52 @@ def test_train_text_encoder_trains_both_clips_and_the_file_loads(tiny_sd3_model,
     kohya = load_file(str(tmp_path / "out" / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+
+
+def test_the_comfyui_file_is_the_same_update_on_stabilitys_layout(tiny_sd3_model, square_data, tmp_path):
+    """sd-scripts' SD3 names (`lora_unet_` + the MMDiT module path), which ComfyUI maps onto every
+    checkpoint module: merged into Stability's layout and converted by diffusers, the kohya file
+    gives exactly the weights the diffusers file gives merged into diffusers' layout (fused q/k/v,
+    and the last block's context modulation with its halves in the original order)."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from trainer.tiny_flow import sd3_original_state_dict
+
+    layers = "attn.to_q,attn.to_k,attn.to_v,attn.add_k_proj,attn.to_out.0,attn.to_add_out,norm1_context.linear,ff.net.2"
+    result = train(sd3_config(tiny_sd3_model, square_data, tmp_path / "out", learning_rate=5e-2, rank=2, lora_alpha=4,
+                              lora_layers=layers))
+    weights = load_file(str(result.lora_path))
+    kohya = load_file(str(tmp_path / "out" / "lora_kohya.safetensors"))
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3_model, subfolder="transformer").state_dict()
+    original = sd3_original_state_dict(base)
+    comfy_names = {"lora_unet_" + key[: -len(".weight")].replace(".", "_"): key
+                   for key in original if key.endswith(".weight")}
+    modules = {key.split(".", 1)[0] for key in kohya}
+    assert modules <= set(comfy_names), sorted(modules - set(comfy_names))
+    assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1" in modules  # the last block's
+    assert "lora_unet_joint_blocks_0_context_block_attn_qkv" in modules  # k alone trained, q and v zeros
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "lora_kohya.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_network_module"] == "networks.lora_sd3"
+
+    merged_original = dict(original)
+    for module in modules:
+        down, up = kohya[f"{module}.lora_down.weight"], kohya[f"{module}.lora_up.weight"]
+        key = comfy_names[module]
+        merged_original[key] = original[key] + kohya[f"{module}.alpha"] / down.shape[0] * up @ down
+    single = tmp_path / "merged.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in merged_original.items()}, str(single))
+    from_kohya = SD3Transformer2DModel.from_single_file(str(single), config=str(tiny_sd3_model),
+                                                         subfolder="transformer", local_files_only=True).state_dict()
+
+    merged = dict(base)
+    for key in weights:
+        if key.endswith(".lora_A.weight"):
+            module = key[len("transformer."): -len(".lora_A.weight")]
+            lora_b = weights[f"transformer.{module}.lora_B.weight"]
+            merged[f"{module}.weight"] = base[f"{module}.weight"] + 2.0 * lora_b @ weights[key]  # alpha 4 / rank 2
+    assert from_kohya.keys() == merged.keys()
+    for key in merged:
+        torch.testing.assert_close(from_kohya[key], merged[key], rtol=0, atol=1e-6, msg=key)

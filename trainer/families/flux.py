@@ -236,9 +236,8 @@ class FlowFamily(Family):
         return save_lora(output_dir, self.pipeline_class, named, peft_names=True)
 
 
-# diffusers' Flux modules -> (the original BFL module sd-scripts and ComfyUI name, the parts fused
-# there in order, each part's share of the fused output rows: "inner" = the attention width,
-# "mlp" = the single blocks' MLP width). Keys are relative to a (single_)transformer_blocks.{i}.
+# diffusers' Flux modules (the parts fused there, in order) -> the original BFL module that
+# sd-scripts and ComfyUI name. Keys are relative to a (single_)transformer_blocks.{i}.
 _DOUBLE_TO_BFL = {
     ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn.qkv",
     ("attn.to_out.0",): "img_attn.proj",
@@ -258,47 +257,79 @@ _SINGLE_TO_BFL = {
 }
 
 
-def kohya_flux_state_dict(transformer: torch.nn.Module, lora_alpha: float) -> dict[str, torch.Tensor]:
-    """The transformer's adapters as sd-scripts' Flux LoRAs name them (`lora_unet_` + the BFL
-    module path, dots as underscores: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`),
-    which ComfyUI and Forge map onto the original checkpoint's fused modules.
+def kohya_fused_state_dict(transformer: torch.nn.Module, lora_alpha: float,
+                           modules: list[tuple[tuple[str, ...], str]],
+                           swapped: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The transformer's adapters as sd-scripts names a transformer LoRA (`lora_unet_` + the
+    original checkpoint's module path, dots as underscores), which ComfyUI maps onto that
+    checkpoint's modules. `modules` lists (the diffusers modules fused there, in order; the
+    original module).
 
-    Where BFL fuses several diffusers modules (q, k, v; single blocks' q, k, v and MLP in), the
-    parts' LoRAs become one of rank n * r: down = the parts' A stacked, up = their B block-diagonal
-    (a part without LoRA contributes zeros), alpha = n * alpha, so the scale alpha / rank and
-    every part's update are unchanged. diffusers' kohya-Flux loader splits it back (tested)."""
+    Where the original fuses several diffusers modules (q, k, v; Flux's single blocks' q, k, v and
+    MLP in), the parts' LoRAs become one of rank n * r: down = the parts' A stacked, up = their B
+    block-diagonal (a part without LoRA contributes zeros), alpha = n * alpha, so the scale alpha /
+    rank and every part's update are unchanged. In `swapped` modules the original orders the two
+    halves of the output the other way round (SD3's last context modulation): up's rows swap."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer)
-    modules = dict(transformer.named_modules())
+    named = dict(transformer.named_modules())
     rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
     kohya: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for prefix, count, table, bfl_prefix in (
-        ("transformer_blocks", len(transformer.transformer_blocks), _DOUBLE_TO_BFL, "double_blocks"),
-        ("single_transformer_blocks", len(transformer.single_transformer_blocks), _SINGLE_TO_BFL, "single_blocks"),
-    ):
-        for index in range(count):
-            for parts, bfl in table.items():
-                names = [f"{prefix}.{index}.{part}" for part in parts]
-                if not any(f"{name}.lora_A.weight" in state for name in names):
-                    continue
-                downs, ups = [], []
-                for name in names:
-                    linear = modules[name].base_layer if hasattr(modules[name], "base_layer") else modules[name]
-                    down = state.get(f"{name}.lora_A.weight")
-                    up = state.get(f"{name}.lora_B.weight")
-                    downs.append(down if down is not None else torch.zeros(rank, linear.in_features))
-                    ups.append(up if up is not None else torch.zeros(linear.out_features, rank))
-                    used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
-                key = f"lora_unet_{bfl_prefix}_{index}_{bfl.replace('.', '_')}"
-                kohya[f"{key}.lora_down.weight"] = torch.cat(downs, dim=0)
-                kohya[f"{key}.lora_up.weight"] = torch.block_diag(*ups)
-                kohya[f"{key}.alpha"] = torch.tensor(float(lora_alpha) * len(parts))
+    for parts, original in modules:
+        if not any(f"{name}.lora_A.weight" in state for name in parts):
+            continue
+        downs, ups = [], []
+        for name in parts:
+            linear = named[name].base_layer if hasattr(named[name], "base_layer") else named[name]
+            down = state.get(f"{name}.lora_A.weight")
+            up = state.get(f"{name}.lora_B.weight")
+            downs.append(down if down is not None else torch.zeros(rank, linear.in_features))
+            ups.append(up if up is not None else torch.zeros(linear.out_features, rank))
+            used.update({f"{name}.lora_A.weight", f"{name}.lora_B.weight"})
+        up = torch.block_diag(*ups)
+        if original in swapped:
+            first, second = up.chunk(2, dim=0)
+            up = torch.cat([second, first], dim=0)
+        key = f"lora_unet_{original.replace('.', '_')}"
+        kohya[f"{key}.lora_down.weight"] = torch.cat(downs, dim=0)
+        kohya[f"{key}.lora_up.weight"] = up
+        kohya[f"{key}.alpha"] = torch.tensor(float(lora_alpha) * len(parts))
     left = sorted(set(state) - used)
     if left:  # a module chosen with lora_layers that has no place in the original naming
         raise ValueError(f"lora_layers: no kohya (ComfyUI) name for {left[0]}")
     return {k: v.detach().float().contiguous().cpu() for k, v in kohya.items()}
+
+
+def kohya_flux_state_dict(transformer: torch.nn.Module, lora_alpha: float) -> dict[str, torch.Tensor]:
+    """sd-scripts' Flux naming (`lora_unet_double_blocks_0_img_attn_qkv`, ...), which ComfyUI and
+    Forge map onto the BFL checkpoint; diffusers' kohya-Flux loader splits it back (tested)."""
+    modules = []
+    for prefix, count, table, original in (
+        ("transformer_blocks", len(transformer.transformer_blocks), _DOUBLE_TO_BFL, "double_blocks"),
+        ("single_transformer_blocks", len(transformer.single_transformer_blocks), _SINGLE_TO_BFL, "single_blocks"),
+    ):
+        modules += [(tuple(f"{prefix}.{i}.{part}" for part in parts), f"{original}.{i}.{name}")
+                    for i in range(count) for parts, name in table.items()]
+    return kohya_fused_state_dict(transformer, lora_alpha, modules)
+
+
+def write_kohya_file(output_dir, lora_alpha: float, models: dict[str, torch.nn.Module],
+                     transformer_tensors: dict[str, torch.Tensor], network_module: str) -> Path:
+    """`lora_kohya.safetensors`: the transformer's adapters under their original names, the
+    trained CLIP encoders' as `lora_te1_`/`lora_te2_text_model_...` (sd-scripts' names), and the
+    run's metadata."""
+    tensors = dict(transformer_tensors)
+    encoders = {name: model for name, model in models.items() if name != "unet"}
+    if encoders:
+        tensors.update(kohya_state_dict(lora_alpha, encoders))
+    header = {**training_metadata.for_file(output_dir), "ss_network_module": network_module,
+              "ss_network_alpha": str(lora_alpha)}
+    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
+    with atomic_file(path) as partial:
+        save_file(tensors, str(partial), metadata=header)
+    return path
 
 
 class FluxFamily(FlowFamily):
@@ -354,12 +385,5 @@ class FluxFamily(FlowFamily):
 
     def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
         """The file ComfyUI and Forge load (sd-scripts' Flux naming, see kohya_flux_state_dict)."""
-        path = Path(output_dir) / KOHYA_WEIGHTS_NAME
-        tensors = kohya_flux_state_dict(models["unet"], lora_alpha)
-        if "text_encoder" in models:  # CLIP-L as sd-scripts names it for Flux: lora_te1_text_model_...
-            tensors.update(kohya_state_dict(lora_alpha, {"text_encoder": models["text_encoder"]}))
-        header = {**training_metadata.for_file(output_dir), "ss_network_module": "networks.lora_flux",
-                  "ss_network_alpha": str(lora_alpha)}
-        with atomic_file(path) as partial:
-            save_file(tensors, str(partial), metadata=header)
-        return path
+        return write_kohya_file(output_dir, lora_alpha, models, kohya_flux_state_dict(models["unet"], lora_alpha),
+                                "networks.lora_flux")

@@ -14,19 +14,48 @@ What differs from Flux (trainer/families/flux.py holds what they share):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from trainer.config import SD3Config
 from trainer.families.base import Conditioning
-from trainer.families.flux import FlowComponents, FlowFamily, model_dtype
+from trainer.families.flux import FlowComponents, FlowFamily, kohya_fused_state_dict, model_dtype, write_kohya_file
 
 SD3_TARGET_MODULES = [
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 ]
 TOKEN_KEYS = ("input_ids", "input_ids_2", "input_ids_3")
+# diffusers' SD3 modules (the parts fused there, in order) -> Stability's MMDiT module, which
+# sd-scripts' SD3 LoRAs name and ComfyUI maps; relative to transformer_blocks.{i} / joint_blocks.{i}.
+_SD3_TO_MMDIT = {
+    ("attn.to_q", "attn.to_k", "attn.to_v"): "x_block.attn.qkv",
+    ("attn.to_out.0",): "x_block.attn.proj",
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "context_block.attn.qkv",
+    ("attn.to_add_out",): "context_block.attn.proj",
+    ("attn2.to_q", "attn2.to_k", "attn2.to_v"): "x_block.attn2.qkv",
+    ("attn2.to_out.0",): "x_block.attn2.proj",
+    ("ff.net.0.proj",): "x_block.mlp.fc1",
+    ("ff.net.2",): "x_block.mlp.fc2",
+    ("ff_context.net.0.proj",): "context_block.mlp.fc1",
+    ("ff_context.net.2",): "context_block.mlp.fc2",
+    ("norm1.linear",): "x_block.adaLN_modulation.1",
+    ("norm1_context.linear",): "context_block.adaLN_modulation.1",
+}
+
+
+def kohya_sd3_state_dict(transformer: torch.nn.Module, lora_alpha: float) -> dict[str, torch.Tensor]:
+    """sd-scripts' SD3 naming (`lora_unet_joint_blocks_0_x_block_attn_qkv`, ...), which ComfyUI
+    maps onto Stability's checkpoint (its `lora_unet_` + module path map of every model). The last
+    block's context modulation is ordered (shift, scale) there, (scale, shift) in diffusers."""
+    count = len(transformer.transformer_blocks)
+    modules = [(tuple(f"transformer_blocks.{i}.{part}" for part in parts), f"joint_blocks.{i}.{name}")
+               for i in range(count) for parts, name in _SD3_TO_MMDIT.items()]
+    return kohya_fused_state_dict(transformer, lora_alpha, modules,
+                                  swapped=frozenset({f"joint_blocks.{count - 1}.context_block.adaLN_modulation.1"}))
 
 
 class SD3Family(FlowFamily):
@@ -66,6 +95,12 @@ class SD3Family(FlowFamily):
         clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
         return {"prompt_embeds": torch.cat([clip_embeds, t5_embeds], dim=-2),
                 "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+    def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
+        """The file ComfyUI loads under sd-scripts' SD3 names (see kohya_sd3_state_dict); it loads
+        the diffusers file too."""
+        return write_kohya_file(output_dir, lora_alpha, models, kohya_sd3_state_dict(models["unet"], lora_alpha),
+                                "networks.lora_sd3")
 
     def predict(self, transformer, noisy_latents, timesteps, conditioning: Conditioning) -> torch.Tensor:
         return transformer(hidden_states=noisy_latents, timestep=timesteps,
