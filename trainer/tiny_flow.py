@@ -144,6 +144,13 @@ def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def _move(state: dict[str, torch.Tensor], out: dict[str, torch.Tensor], original: str, name: str) -> None:
+    """A module's weight and bias (where it has one) under its original name."""
+    for suffix in ("weight", "bias"):
+        if f"{name}.{suffix}" in state:
+            out[f"{original}.{suffix}"] = state[f"{name}.{suffix}"]
+
+
 def _fuse(state: dict[str, torch.Tensor], names: list[str], suffix: str) -> torch.Tensor:
     return torch.cat([state[f"{name}.{suffix}"] for name in names], dim=0)
 
@@ -153,9 +160,7 @@ def flux_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
     out: dict[str, torch.Tensor] = {}
 
     def move(original: str, name: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{name}.{suffix}" in state:
-                out[f"{original}.{suffix}"] = state[f"{name}.{suffix}"]
+        _move(state, out, original, name)
 
     for original, name in (("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
                            ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
@@ -200,9 +205,7 @@ def sd3_original_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {"pos_embed": state["pos_embed.pos_embed"]}
 
     def move(original: str, name: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{name}.{suffix}" in state:
-                out[f"{original}.{suffix}"] = state[f"{name}.{suffix}"]
+        _move(state, out, original, name)
 
     for original, name in (("x_embedder.proj", "pos_embed.proj"),
                            ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),

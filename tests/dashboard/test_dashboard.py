@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 from PIL import Image
 
-from support.service import dataset_zip, loraq, submit, upload
+from support.service import dataset_zip, run_sweep, submit, upload
 from trainer.sample_data import write_sample_dataset
 
 # Small enough to take seconds on a CPU, long enough to watch: a checkpoint and a validation image
@@ -207,13 +206,7 @@ def test_validation_loss_line_and_best_checkpoint_on_the_job_page(service, brows
 def test_a_batch_rerun_after_the_dashboard_uploads_its_folder_again(service, browse, tmp_path):
     # given a folder run as a 2x2 batch with the real `loraq` command
     folder = write_sample_dataset(tmp_path / "data", n_images=4, size=32)
-    (tmp_path / "sweep.yaml").write_text(
-        "base_model: tiny-sd\ndataset: ./data\nname: sweep\n"
-        "options: {resolution: 32, train_batch_size: 2, max_train_steps: 1, seed: 0, checkpointing_steps: 100000}\n"
-        "grid:\n  learning_rate: [1.0e-4, 5.0e-4]\n  rank: [2, 4]\n")
-    first = loraq(service, "batch", "sweep.yaml", "--json", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr + service.tail()
-    jobs = json.loads(first.stdout)
+    jobs = run_sweep(service, tmp_path)
     assert len(jobs) == 4 and all(j["created"] for j in jobs)
     dataset = service.client.get(f"/v1/datasets/{jobs[0]['dataset_id']}").json()
 
@@ -226,8 +219,6 @@ def test_a_batch_rerun_after_the_dashboard_uploads_its_folder_again(service, bro
     assert [d["id"] for d in service.client.get("/v1/datasets").json()["items"]] == [dataset["id"]]
 
     # and the batch run again exits 0 with the same four jobs, submitting nothing
-    again = loraq(service, "batch", "sweep.yaml", "--json", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr + service.tail()
-    replayed = json.loads(again.stdout)
+    replayed = run_sweep(service, tmp_path)
     assert [j["id"] for j in replayed] == [j["id"] for j in jobs] and not any(j["created"] for j in replayed)
     assert service.client.get("/v1/jobs").json()["total"] == 4

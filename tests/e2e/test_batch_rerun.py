@@ -15,7 +15,7 @@ from api.services.quotas import storage_used
 from loraq.db import make_engine, make_session_factory
 from loraq.models import Dataset
 from loraq_client.fingerprint import dataset_fingerprint
-from support.service import loraq
+from support.service import loraq, run_sweep
 
 TINY = ["--base-model", "tiny-sd", "--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]
@@ -58,13 +58,7 @@ def test_batch_rerun_after_the_same_folder_is_uploaded_again(service, tmp_path):
     dataset_id = service.client.get(f"/v1/jobs/{first.stdout.split()[0]}").json()["dataset_id"]
 
     # 2. loraq batch sweep.yaml: a 2x2 grid on ./data, on the dataset step 1 uploaded
-    (tmp_path / "sweep.yaml").write_text(
-        "base_model: tiny-sd\ndataset: ./data\nname: sweep\n"
-        "options: {resolution: 32, train_batch_size: 2, max_train_steps: 1, seed: 0, checkpointing_steps: 100000}\n"
-        "grid:\n  learning_rate: [1.0e-4, 5.0e-4]\n  rank: [2, 4]\n")
-    batch = loraq(service, "batch", "sweep.yaml", "--json", cwd=tmp_path)
-    assert batch.returncode == 0, batch.stderr + service.tail()
-    jobs = json.loads(batch.stdout)
+    jobs = run_sweep(service, tmp_path)
     assert len(jobs) == 4 and all(j["created"] for j in jobs) and {j["dataset_id"] for j in jobs} == {dataset_id}
     assert service.client.get("/v1/datasets").json()["total"] == 1
 
@@ -72,9 +66,7 @@ def test_batch_rerun_after_the_same_folder_is_uploaded_again(service, tmp_path):
     # exit 0, the same four jobs as replays (created: false, status 200), nothing new submitted
     def rerun():
         before = job_count(service)
-        again = loraq(service, "batch", "sweep.yaml", "--json", cwd=tmp_path)
-        assert again.returncode == 0, again.stderr + service.tail()
-        replayed = json.loads(again.stdout)
+        replayed = run_sweep(service, tmp_path)
         assert [j["id"] for j in replayed] == [j["id"] for j in jobs]
         assert not any(j["created"] for j in replayed)
         assert job_count(service) == before
