@@ -130,7 +130,8 @@ class FlowFamily(Family):
         source = config.pretrained_model_name_or_path
         if is_single_file_name(source):
             return self.transformer_class.from_single_file(
-                source, config=single_file_config_dir(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+                source, config=single_file_config_dir(config), subfolder="transformer", local_files_only=True,
+                torch_dtype=dtype)
         return self.transformer_class.from_pretrained(source, subfolder="transformer", revision=config.revision,
                                                       variant=config.variant, torch_dtype=dtype)
 
