@@ -632,7 +632,7 @@ def _validate(run: Run, prefix: str, step: int, emit: EventSink) -> list[str]:
         started = time.perf_counter()
         rendered = validation.render(
             pipeline, config.validation_prompt, config.num_validation_images, config.seed,
-            config.resolution, config.validation_inference_steps, _autocast_dtype(run),
+            validation_size(run), config.validation_inference_steps, _autocast_dtype(run),
         )
     paths = validation.save_images(rendered, Path(config.output_dir) / "validation", prefix)
     emit(Event("validation", step=step, total_steps=run.max_train_steps, paths=paths,
@@ -650,11 +650,20 @@ def _final_validation(run: Run, lora_dir: Path, step: int, emit: EventSink) -> l
         pipeline.load_lora_weights(str(lora_dir))
         rendered = validation.render(
             pipeline, config.validation_prompt, config.num_validation_images, config.seed,
-            config.resolution, config.validation_inference_steps, _autocast_dtype(run),
+            validation_size(run), config.validation_inference_steps, _autocast_dtype(run),
         )
     paths = validation.save_images(rendered, Path(config.output_dir) / "validation", f"final-step-{step:06d}")
     emit(Event("validation", step=step, total_steps=run.max_train_steps, paths=paths, message="final, from the saved LoRA"))
     return paths
+
+
+def validation_size(run: Run) -> tuple[int, int]:
+    """(height, width) of validation images: the square `resolution`, or with aspect-ratio
+    buckets the bucket most images train in (the shape the LoRA learns most from)."""
+    if isinstance(run.sampler, data.BucketBatchSampler) and run.sampler.plan:
+        top = run.sampler.plan[0]
+        return top["height"], top["width"]
+    return run.config.resolution, run.config.resolution
 
 
 def _autocast_dtype(run: Run) -> torch.dtype | None:

@@ -12,9 +12,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 
-def render(pipeline: DiffusionPipeline, prompt: str, count: int, seed: int | None, resolution: int,
+def render(pipeline: DiffusionPipeline, prompt: str, count: int, seed: int | None, size: tuple[int, int],
            steps: int, autocast_dtype: torch.dtype | None) -> list:
-    """Render `count` images; the training RNG is left untouched (a seeded generator is used)."""
+    """Render `count` images of `size` (height, width); the training RNG is left untouched (a
+    seeded generator is used)."""
     device = pipeline.device
     generator = torch.Generator(device=device)
     if seed is not None:
@@ -26,7 +27,7 @@ def render(pipeline: DiffusionPipeline, prompt: str, count: int, seed: int | Non
     with autocast, torch.no_grad():
         for _ in range(count):
             images.append(pipeline(prompt, num_inference_steps=steps, generator=generator,
-                                   height=resolution, width=resolution).images[0])
+                                   height=size[0], width=size[1]).images[0])
     return images
 
 

@@ -332,3 +332,12 @@ def test_resumed_cached_bucketed_run_equals_an_uninterrupted_one(tiny_sdxl, mixe
     common = dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, center_crop=True, cache_latents=True)
     assert_resume_matches(lambda out, **extra: bucket_config("sdxl", tiny_sdxl, mixed_data, out, **common, **extra),
                           tmp_path, crash_step=4, checkpoint_step=3)
+
+
+def test_validation_images_take_the_shape_most_images_train_in(tiny_model, tmp_path):
+    data = write_images(tmp_path / "wide", [(96, 64), (100, 50), (96, 60), (72, 72)])  # three 80x48, one 64x64
+    config = bucket_config("sd", tiny_model, data, tmp_path / "run", max_train_steps=2, validation_prompt="a red circle",
+                           num_validation_images=1, validation_steps=2, validation_inference_steps=1)
+    result = train(config)
+    assert len(result.validation_images) == 2  # at step 2 (in memory) and the final one (from the file)
+    assert [Image.open(path).size for path in result.validation_images] == [(80, 48), (80, 48)]
