@@ -228,11 +228,10 @@ class CommonConfig(BaseModel):
                 raise ValueError(f"lr_power: an option of lr_scheduler polynomial, not of {scheduler}")
         return values
 
-    @property
-    def text_encoder_learning_rate(self) -> float:
-        """The text encoders' learning rate with train_text_encoder: the UNet's (the SD and SDXL
-        scripts train both at one rate)."""
-        return self.learning_rate
+    def text_encoder_rate(self, learning_rate: float) -> float:
+        """The text encoders' learning rate with train_text_encoder, given the UNet's (scaled by
+        scale_lr or not): the same (the SD and SDXL scripts train both at one rate)."""
+        return learning_rate
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -315,9 +314,8 @@ class FlowMatchingConfig(CommonConfig):
                 values = {**values, "missing_captions": "empty"}
         return values
 
-    @property
-    def text_encoder_learning_rate(self) -> float:
-        return self.learning_rate if self.optimizer == "prodigy" else self.text_encoder_lr
+    def text_encoder_rate(self, learning_rate: float) -> float:
+        return learning_rate if self.optimizer == "prodigy" else self.text_encoder_lr
 
     @field_validator("weighting_scheme", mode="before")
     @classmethod

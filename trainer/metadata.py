@@ -78,7 +78,7 @@ class MetadataRecorder:
             "ss_max_train_steps": str(self.total_steps or steps), "ss_epoch": str(self.epoch),
             "ss_num_epochs": str(self.epoch), "ss_learning_rate": str(config.learning_rate),
             "ss_unet_lr": str(config.learning_rate),
-            "ss_text_encoder_lr": str(config.text_encoder_learning_rate if config.train_text_encoder else 0),
+            "ss_text_encoder_lr": str(config.text_encoder_rate(config.learning_rate) if config.train_text_encoder else 0),
             "ss_lr_scheduler": config.lr_scheduler, "ss_lr_warmup_steps": str(config.lr_warmup_steps),
             "ss_optimizer": describe_optimizer(config),
             "ss_batch_size_per_device": str(config.train_batch_size),

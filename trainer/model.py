@@ -86,12 +86,18 @@ def save_kohya_lora(output_dir: str | Path, lora_alpha: float, models: dict[str,
     """Write the same LoRA in kohya's key format, which AUTOMATIC1111 and ComfyUI load: `lora_unet_`,
     `lora_te1_` (text_encoder) and `lora_te2_` (text_encoder_2) keys with an `.alpha` each.
     `rename` maps a model's adapter keys first (SDXL's UNet: to the original block names)."""
-    kohya = kohya_state_dict(lora_alpha, models, rename)
+    return write_kohya_file(output_dir, kohya_state_dict(lora_alpha, models, rename), lora_alpha, metadata=metadata)
+
+
+def write_kohya_file(output_dir: str | Path, tensors: dict[str, torch.Tensor], lora_alpha: float,
+                     network_module: str = "networks.lora", metadata: dict[str, str] | None = None) -> Path:
+    """`lora_kohya.safetensors` from kohya-named tensors, whole or not at all, with the run's
+    metadata (default: the recorded run's) and sd-scripts' network module and alpha."""
     path = Path(output_dir) / KOHYA_WEIGHTS_NAME
     with atomic_file(path) as partial:
-        save_file(kohya, str(partial),
+        save_file(tensors, str(partial),
                   metadata={**(training_metadata.for_file(output_dir) if metadata is None else metadata),
-                            "ss_network_module": "networks.lora", "ss_network_alpha": str(lora_alpha)})
+                            "ss_network_module": network_module, "ss_network_alpha": str(lora_alpha)})
     return path
 
 

@@ -7,7 +7,8 @@ import zipfile
 
 from PIL import Image
 
-from support.service import dataset_zip, run_sweep, submit, upload
+from support.cli import run_sweep
+from support.service import dataset_zip, submit, upload
 from trainer.sample_data import write_sample_dataset
 
 # Small enough to take seconds on a CPU, long enough to watch: a checkpoint and a validation image

@@ -15,7 +15,7 @@ from api.services.quotas import storage_used
 from loraq.db import make_engine, make_session_factory
 from loraq.models import Dataset
 from loraq_client.fingerprint import dataset_fingerprint
-from support.service import loraq, run_sweep
+from support.cli import run_loraq as loraq, run_sweep
 
 TINY = ["--base-model", "tiny-sd", "--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from support.cli import ROOT, cli_env, loraq_cmd, run_loraq
 TINY = ["--set", "resolution=32", "--set", "train_batch_size=2", "--set", "seed=0",
         "--set", "checkpointing_steps=100000"]
-
-
-def cli_env(service=None, **extra: str) -> dict[str, str]:
-    """The environment of a `loraq` run against `service` (its URL and admin key), or none."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
-    env.pop("LORAQ_API_KEY", None)
-    if service is not None:
-        env["LORAQ_URL"] = service.url
-        env["LORAQ_API_KEY"] = service.api_key
-    return env
-
-
-def loraq_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "loraq_client.cli", *args]
-
-
-def run_loraq(service, *args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(loraq_cmd(*args), env=cli_env(service), cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -171,24 +171,3 @@ def read_sse(client: httpx.Client, path: str, timeout: float = 180) -> list[dict
                 key, _, value = line.partition(":")
                 current[key] = value.lstrip(" ")
     return events
-
-
-def loraq(service, *args: str, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real `loraq` command against `service`, as a user runs it (its URL and admin key)."""
-    env = {**service.env, "LORAQ_URL": service.url, "LORAQ_API_KEY": service.api_key, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "loraq_client.cli", *args], env=env, cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-# A 2x2 grid over `./data` on tiny-sd, one step a job: the batch file of the rerun tests (issue 10).
-SWEEP_YAML = ("base_model: tiny-sd\ndataset: ./data\nname: sweep\n"
-              "options: {resolution: 32, train_batch_size: 2, max_train_steps: 1, seed: 0, checkpointing_steps: 100000}\n"
-              "grid:\n  learning_rate: [1.0e-4, 5.0e-4]\n  rank: [2, 4]\n")
-
-
-def run_sweep(service, folder: Path) -> list[dict]:
-    """Write SWEEP_YAML in `folder` (beside its data/) and run `loraq batch` on it; the jobs it printed."""
-    (folder / "sweep.yaml").write_text(SWEEP_YAML)
-    done = loraq(service, "batch", "sweep.yaml", "--json", cwd=folder)
-    assert done.returncode == 0, done.stderr + service.tail()
-    return json.loads(done.stdout)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer import loop
@@ -217,8 +218,6 @@ def test_the_comfyui_file_is_the_same_update_on_stabilitys_layout(tiny_sd3_model
     assert modules <= set(comfy_names), sorted(modules - set(comfy_names))
     assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1" in modules  # the last block's
     assert "lora_unet_joint_blocks_0_context_block_attn_qkv" in modules  # k alone trained, q and v zeros
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "out" / "lora_kohya.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_network_module"] == "networks.lora_sd3"
 

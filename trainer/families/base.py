@@ -207,20 +207,22 @@ class Family:
     def pipeline(self, config: CommonConfig, dtype: torch.dtype, device, **models: Any):
         """The base model's pipeline around in-memory models (as the scripts build it for
         validation); what is not given, such as the inference scheduler, is read from the source."""
-        source = config.pretrained_model_name_or_path
         with torch.random.fork_rng(devices=[]):
-            if is_single_file_name(source):
-                pipeline = self.pipeline_class.from_single_file(
-                    source, config=single_file_config_dir(config), local_files_only=True, dtype=dtype,
-                    **self.pipeline_kwargs(), **models,
-                )
-            else:
-                pipeline = self.pipeline_class.from_pretrained(
-                    source, revision=config.revision, variant=config.variant, dtype=dtype,
-                    **self.pipeline_kwargs(), **models,
-                )
+            pipeline = self.load_pipeline(config, dtype, **models)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(device)
+
+    def load_pipeline(self, config: CommonConfig, dtype: torch.dtype, **models: Any):
+        """The pipeline from a folder or hub id, or from a single file with its config folder."""
+        source = config.pretrained_model_name_or_path
+        if is_single_file_name(source):
+            return self.pipeline_class.from_single_file(
+                source, config=single_file_config_dir(config), local_files_only=True, dtype=dtype,
+                **self.pipeline_kwargs(), **models,
+            )
+        return self.pipeline_class.from_pretrained(
+            source, revision=config.revision, variant=config.variant, dtype=dtype, **self.pipeline_kwargs(), **models,
+        )
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {}

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from trainer import data
@@ -38,9 +37,7 @@ from trainer.detect import is_single_file_name
 from trainer.families.base import Components, Conditioning, Family, load_error, single_file_config_dir
 from trainer.families.sdxl import SDXLDataset, SDXLImageTransform
 from trainer.flow_matching import FlowMatchingObjective
-from trainer import metadata as training_metadata
-from trainer.checkpoints import atomic_file
-from trainer.model import KOHYA_WEIGHTS_NAME, kohya_state_dict, lora_config, save_lora
+from trainer.model import kohya_state_dict, lora_config, save_lora, write_kohya_file
 
 # The script's default LoRA targets (attention and feed-forward of the double-stream blocks; the
 # single-stream blocks' attention shares the names to_q/to_k/to_v).
@@ -135,16 +132,13 @@ class FlowFamily(Family):
         return self.transformer_class.from_pretrained(source, subfolder="transformer", revision=config.revision,
                                                       variant=config.variant, torch_dtype=dtype)
 
-    def pipeline(self, config, dtype: torch.dtype, device, **models):
-        """The validation pipeline; for a single file, the config folder's pipeline around the
-        file's transformer (loaded again when not given: the final image is the base + the file)."""
+    def load_pipeline(self, config, dtype: torch.dtype, **models):
+        """For a single file: the config folder's pipeline around the file's transformer (loaded
+        again when not given: the final image is the base + the LoRA file)."""
         if not is_single_file_name(config.pretrained_model_name_or_path):
-            return super().pipeline(config, dtype, device, **models)
-        with torch.random.fork_rng(devices=[]):
-            models.setdefault("transformer", self.load_transformer(config, dtype))
-            pipeline = self.pipeline_class.from_pretrained(single_file_config_dir(config), dtype=dtype, **models)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(device)
+            return super().load_pipeline(config, dtype, **models)
+        models.setdefault("transformer", self.load_transformer(config, dtype))
+        return self.pipeline_class.from_pretrained(single_file_config_dir(config), dtype=dtype, **models)
 
     def text_encoders(self, components: FlowComponents) -> dict[str, torch.nn.Module]:
         return {name: model for name, model in components.encoders.items() if model is not None}
@@ -171,7 +165,7 @@ class FlowFamily(Family):
         for name, model in trainable.items():
             group = {"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate}
             if name != "unet":
-                group["lr"] = learning_rate if config.optimizer == "prodigy" else config.text_encoder_lr
+                group["lr"] = config.text_encoder_rate(learning_rate)
                 if config.optimizer != "adafactor":  # adam_weight_decay_* are the Adam-style optimizers'
                     group["weight_decay"] = config.adam_weight_decay_text_encoder
             groups.append(group)
@@ -316,21 +310,13 @@ def kohya_flux_state_dict(transformer: torch.nn.Module, lora_alpha: float) -> di
     return kohya_fused_state_dict(transformer, lora_alpha, modules)
 
 
-def write_kohya_file(output_dir, lora_alpha: float, models: dict[str, torch.nn.Module],
-                     transformer_tensors: dict[str, torch.Tensor], network_module: str) -> Path:
-    """`lora_kohya.safetensors`: the transformer's adapters under their original names, the
-    trained CLIP encoders' as `lora_te1_`/`lora_te2_text_model_...` (sd-scripts' names), and the
-    run's metadata."""
-    tensors = dict(transformer_tensors)
+def save_flow_kohya_lora(output_dir, lora_alpha: float, models: dict[str, torch.nn.Module],
+                         transformer_tensors: dict[str, torch.Tensor], network_module: str) -> Path:
+    """`lora_kohya.safetensors`: the transformer's adapters under their original names and the
+    trained CLIP encoders' as `lora_te1_`/`lora_te2_text_model_...` (sd-scripts' names)."""
     encoders = {name: model for name, model in models.items() if name != "unet"}
-    if encoders:
-        tensors.update(kohya_state_dict(lora_alpha, encoders))
-    header = {**training_metadata.for_file(output_dir), "ss_network_module": network_module,
-              "ss_network_alpha": str(lora_alpha)}
-    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
-    with atomic_file(path) as partial:
-        save_file(tensors, str(partial), metadata=header)
-    return path
+    tensors = {**transformer_tensors, **(kohya_state_dict(lora_alpha, encoders) if encoders else {})}
+    return write_kohya_file(output_dir, tensors, lora_alpha, network_module)
 
 
 class FluxFamily(FlowFamily):
@@ -386,5 +372,5 @@ class FluxFamily(FlowFamily):
 
     def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
         """The file ComfyUI and Forge load (sd-scripts' Flux naming, see kohya_flux_state_dict)."""
-        return write_kohya_file(output_dir, lora_alpha, models, kohya_flux_state_dict(models["unet"], lora_alpha),
-                                "networks.lora_flux")
+        return save_flow_kohya_lora(output_dir, lora_alpha, models, kohya_flux_state_dict(models["unet"], lora_alpha),
+                                    "networks.lora_flux")

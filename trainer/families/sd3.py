@@ -22,7 +22,9 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from trainer.config import SD3Config
 from trainer.families.base import Conditioning
-from trainer.families.flux import FlowComponents, FlowFamily, kohya_fused_state_dict, model_dtype, write_kohya_file
+from trainer.families.flux import (
+    FlowComponents, FlowFamily, kohya_fused_state_dict, model_dtype, save_flow_kohya_lora,
+)
 
 SD3_TARGET_MODULES = [
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -99,8 +101,8 @@ class SD3Family(FlowFamily):
     def save_kohya_lora(self, output_dir, lora_alpha: float, models: dict[str, torch.nn.Module]) -> Path:
         """The file ComfyUI loads under sd-scripts' SD3 names (see kohya_sd3_state_dict); it loads
         the diffusers file too."""
-        return write_kohya_file(output_dir, lora_alpha, models, kohya_sd3_state_dict(models["unet"], lora_alpha),
-                                "networks.lora_sd3")
+        return save_flow_kohya_lora(output_dir, lora_alpha, models, kohya_sd3_state_dict(models["unet"], lora_alpha),
+                                    "networks.lora_sd3")
 
     def predict(self, transformer, noisy_latents, timesteps, conditioning: Conditioning) -> torch.Tensor:
         return transformer(hidden_states=noisy_latents, timestep=timesteps,
